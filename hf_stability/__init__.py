@@ -1,0 +1,45 @@
+"""hf_stability: butterfly-effect stability studies for Hugging Face fine-tuning.
+
+Perturb a training run at step t, train children beside an unperturbed control, and measure
+how far they end from the parent (arXiv 2506.13234).
+"""
+
+__version__ = "0.1.0"
+
+from .arguments import StabilityArguments
+from .callback import PerturbationCallback
+from .errors import (
+    ChildDivergedError,
+    HfStabilityError,
+    MissingDataError,
+    NoMatchingParametersError,
+    PerturbationConfigError,
+    RunConfigMismatchError,
+    RunDirectoryError,
+    SpawnStepError,
+    UnknownInitScaleError,
+)
+from .perturb import PerturbationConfig, PerturbationRecord, perturb_model
+from .run_directory import RunDirectory
+from .trainer import ButterflyResult, StabilityTrainer
+
+__all__ = [
+    "ButterflyResult",
+    "ChildDivergedError",
+    "HfStabilityError",
+    "MissingDataError",
+    "NoMatchingParametersError",
+    "PerturbationCallback",
+    "PerturbationConfig",
+    "PerturbationConfigError",
+    "PerturbationRecord",
+    "RunConfigMismatchError",
+    "RunDirectory",
+    "RunDirectoryError",
+    "SpawnStepError",
+    "StabilityArguments",
+    "StabilityTrainer",
+    "UnknownInitScaleError",
+    "__version__",
+    "perturb_model",
+]

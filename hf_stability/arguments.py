@@ -1,0 +1,119 @@
+"""StabilityArguments: every option of a butterfly study, declared, documented and validated."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import PerturbationConfigError, SpawnStepError
+from .perturb import KINDS, SCALE_MODES, PerturbationConfig
+
+
+@dataclass
+class StabilityArguments:
+    """Options of ``StabilityTrainer.butterfly``; parse them with ``HfArgumentParser``.
+
+    Child ``k`` of spawn step ``t`` resumes the parent from ``checkpoint-t``, is perturbed
+    with seed ``(perturbation_seed, t, k)`` and trains to the parent's last step. Child 0 is
+    the unperturbed control when ``control_child`` is on.
+    """
+
+    spawn_steps: list[int] = field(
+        default_factory=lambda: [0],
+        metadata={"help": "Steps at which children are spawned from the parent (0 = at initialisation)."},
+    )
+    num_children: int = field(default=2, metadata={"help": "Perturbed children per spawn step."})
+    control_child: bool = field(
+        default=True,
+        metadata={"help": "Also train an unperturbed control child (child 0) per spawn step: the noise floor."},
+    )
+    perturbation_kind: str = field(
+        default="gaussian",
+        metadata={"help": f"What changes at the spawn step: {', '.join(k for k in KINDS if k != 'none')}."},
+    )
+    perturbation_scale: float = field(
+        default=0.01, metadata={"help": "sigma: noise = sigma * s_p * eps_p for each parameter tensor p."}
+    )
+    perturbation_scale_mode: str = field(
+        default="init",
+        metadata={"help": f"s_p: {' | '.join(SCALE_MODES)} (initialiser std, current std, or 1)."},
+    )
+    perturbation_normalize: bool = field(
+        default=False,
+        metadata={"help": "Rescale the noise to L2 = sigma * sqrt(sum_p s_p^2 n_p), the expected L2 of an init."},
+    )
+    perturbation_fraction: float | None = field(
+        default=None, metadata={"help": "Perturb only this fraction of the selected entries."}
+    )
+    perturbation_num_entries: int | None = field(
+        default=None, metadata={"help": "Perturb exactly this many entries (1 = a single weight)."}
+    )
+    perturbation_include: list[str] = field(
+        default_factory=list, metadata={"help": "Regular expressions: perturb only parameters whose name matches."}
+    )
+    perturbation_exclude: list[str] = field(
+        default_factory=list, metadata={"help": "Regular expressions: never perturb parameters whose name matches."}
+    )
+    perturbation_seed: int = field(default=0, metadata={"help": "Seed of the perturbation generators."})
+    perturbation_batch_size: int = field(
+        default=32, metadata={"help": "Batch size of the gradient direction of perturbation_kind=batch."}
+    )
+    divergence_every: int = field(
+        default=10,
+        metadata={"help": "Log each child's L2 distance to the parent every N steps (0: only at the end)."},
+    )
+    keep_parent_trajectory: bool = field(
+        default=False, metadata={"help": "Keep the parent snapshots used for divergence logging (parent/trajectory)."}
+    )
+    keep_child_checkpoints: bool = field(
+        default=False, metadata={"help": "Keep the children's intermediate checkpoints once they have finished."}
+    )
+    overwrite_run: bool = field(
+        default=False,
+        metadata={"help": "Delete a run of another configuration found in output_dir instead of refusing."},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.spawn_steps, int):
+            self.spawn_steps = [self.spawn_steps]
+        steps = [int(s) for s in self.spawn_steps]
+        if not steps:
+            raise SpawnStepError("spawn_steps is empty: give at least one step, for example --spawn_steps 0 100.")
+        if any(s < 0 for s in steps):
+            raise SpawnStepError(f"spawn_steps must be >= 0, got {steps}.")
+        self.spawn_steps = sorted(set(steps))
+        if self.num_children < 0:
+            raise PerturbationConfigError(f"num_children must be >= 0, got {self.num_children}.")
+        if self.num_children == 0 and not self.control_child:
+            raise PerturbationConfigError("No child to train: set num_children >= 1 or control_child=True.")
+        if self.divergence_every < 0:
+            raise PerturbationConfigError(f"divergence_every must be >= 0, got {self.divergence_every}.")
+        self.perturbation_config()  # validates kind, scale, patterns...
+
+    def perturbation_config(self) -> PerturbationConfig:
+        """The perturbation every non-control child receives (the seed is mixed with step and child)."""
+        return PerturbationConfig(
+            kind=self.perturbation_kind,
+            scale=self.perturbation_scale,
+            scale_mode=self.perturbation_scale_mode,
+            normalize=self.perturbation_normalize,
+            fraction=self.perturbation_fraction,
+            num_entries=self.perturbation_num_entries,
+            include=list(self.perturbation_include),
+            exclude=list(self.perturbation_exclude),
+            seed=self.perturbation_seed,
+            batch_size=self.perturbation_batch_size,
+        )
+
+    def child_indices(self) -> list[int]:
+        """Child indices per spawn step: 0 is the control when enabled, perturbed ones follow."""
+        first = 0 if self.control_child else 1
+        return list(range(first, self.num_children + 1))
+
+    def config_for_child(self, child: int) -> PerturbationConfig:
+        if child == 0:
+            return PerturbationConfig(kind="none", scale=0.0, seed=self.perturbation_seed)
+        return self.perturbation_config()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,75 @@
+"""``hf-stability``: the command line (demo, train)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from .arguments import StabilityArguments
+from .errors import HfStabilityError
+
+COMMANDS = {
+    "demo": "Fine-tune the packaged MiniLM on tweet sentiment and run a small butterfly study (offline).",
+    "train": "Run a butterfly study of a text classifier: TrainingArguments + StabilityArguments flags.",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: hf-stability <command> [--help] [options]", "", "commands:"]
+    lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _print_result(result) -> None:
+    print()
+    print(result.format_table())
+    print()
+    print(f"Run directory: {result.run_dir.resolve()}")
+
+
+def _demo(argv: Sequence[str]) -> int:
+    from .demo import DemoArguments, run_demo
+
+    (demo,) = HfArgumentParser(DemoArguments, prog="hf-stability demo").parse_args_into_dataclasses(list(argv))
+    _print_result(run_demo(demo))
+    return 0
+
+
+def _train(argv: Sequence[str]) -> int:
+    from .tasks import TextClassificationArguments, build_text_classification_trainer
+
+    parser = HfArgumentParser(
+        (TextClassificationArguments, StabilityArguments, TrainingArguments), prog="hf-stability train"
+    )
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        loader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
+        task, stability, training = loader(argv[0])
+    else:
+        task, stability, training = parser.parse_args_into_dataclasses(list(argv))
+    _print_result(build_text_classification_trainer(task, stability, training).butterfly())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    handlers = {"demo": _demo, "train": _train}
+    if command not in handlers:
+        print(f"hf-stability: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return handlers[command](rest)
+    except HfStabilityError as err:
+        print(f"hf-stability {command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The demo: fine-tune the packaged MiniLM on tweet sentiment and run a butterfly study."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .arguments import StabilityArguments
+from .errors import HfStabilityError
+from .tasks import TextClassificationArguments, build_text_classification_trainer
+from .trainer import ButterflyResult
+
+#: Sizes of the demo; "small" finishes in under 10 minutes on 2 CPU cores.
+PRESETS = {
+    "small": dict(train=1024, eval=512, max_length=48, max_steps=40, batch=16, spawn=[0, 10, 25], children=2, every=5),
+    "medium": dict(train=4096, eval=1024, max_length=64, max_steps=200, batch=32, spawn=[0, 25, 100, 150], children=3, every=10),
+    "large": dict(train=None, eval=None, max_length=64, max_steps=1000, batch=32, spawn=[0, 50, 200, 500, 800], children=4, every=25),
+}
+
+
+@dataclass
+class DemoArguments:
+    """Options of ``hf-stability demo``; unset values come from the ``size`` preset."""
+
+    output_dir: str = field(default="runs/demo", metadata={"help": "Run directory."})
+    size: str = field(default="small", metadata={"help": f"Preset: {' | '.join(PRESETS)} (small: < 10 min on 2 CPUs)."})
+    spawn_steps: list[int] | None = field(default=None, metadata={"help": "Override the preset's spawn steps."})
+    num_children: int | None = field(default=None, metadata={"help": "Perturbed children per spawn step."})
+    perturbation_scale: float = field(default=0.01, metadata={"help": "sigma of the Gaussian perturbation."})
+    max_steps: int | None = field(default=None, metadata={"help": "Override the preset's number of steps."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (linear decay, 10% warm-up)."})
+    seed: int = field(default=42, metadata={"help": "Training seed (classifier init, dropout, data order)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a run of another configuration in output_dir."})
+
+    def __post_init__(self) -> None:
+        if self.size not in PRESETS:
+            raise HfStabilityError(f"Unknown demo size {self.size!r}: choose one of {', '.join(PRESETS)}.")
+
+
+def demo_arguments(demo: DemoArguments) -> tuple[TextClassificationArguments, StabilityArguments, TrainingArguments]:
+    preset = PRESETS[demo.size]
+    max_steps = demo.max_steps or preset["max_steps"]
+    task = TextClassificationArguments(
+        model_name_or_path="minilm",
+        dataset="tweets",
+        max_train_samples=preset["train"],
+        max_eval_samples=preset["eval"],
+        max_length=preset["max_length"],
+    )
+    stability = StabilityArguments(
+        spawn_steps=demo.spawn_steps or preset["spawn"],
+        num_children=demo.num_children if demo.num_children is not None else preset["children"],
+        perturbation_scale=demo.perturbation_scale,
+        divergence_every=preset["every"],
+        overwrite_run=demo.overwrite,
+    )
+    training = TrainingArguments(
+        output_dir=demo.output_dir,
+        max_steps=max_steps,
+        per_device_train_batch_size=preset["batch"],
+        per_device_eval_batch_size=128,
+        learning_rate=demo.learning_rate,
+        warmup_steps=max(1, max_steps // 10),
+        weight_decay=0.01,
+        seed=demo.seed,
+        save_strategy="no",
+        logging_steps=preset["every"],
+        report_to="none",
+        dataloader_num_workers=0,
+    )
+    return task, stability, training
+
+
+def run_demo(demo: DemoArguments) -> ButterflyResult:
+    task, stability, training = demo_arguments(demo)
+    trainer = build_text_classification_trainer(task, stability, training)
+    return trainer.butterfly()

@@ -1,0 +1,153 @@
+"""Online divergence: a child's L2 distance to its parent at the same step.
+
+The parent saves its parameters at the divergence steps (``ParentTrajectoryCallback``); each
+child compares itself with those files as it passes the same steps (``DivergenceCallback``)
+and appends ``{"step", "l2"}`` lines to ``divergence.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .atomic_io import read_jsonl, save_tensors, write_jsonl
+from .errors import ChildDivergedError, RunDirectoryError
+
+logger = logging.getLogger(__name__)
+
+LOG_KEY = "divergence/l2_to_parent"
+
+
+def divergence_steps(spawn_step: int, max_steps: int, every: int) -> list[int]:
+    """Steps after ``spawn_step`` at which a child is compared with its parent: every ``every``
+    steps (none when 0) and always the final step."""
+    steps = set(range(every * (spawn_step // every + 1), max_steps, every)) if every > 0 else set()
+    steps.add(max_steps)
+    return sorted(s for s in steps if s > spawn_step)
+
+
+def named_floating_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in model.named_parameters() if p.is_floating_point()}
+
+
+def l2_to_file(model: nn.Module, path: str | Path) -> float:
+    """L2 distance between the model's floating parameters and those saved in ``path``,
+    accumulated in float64."""
+    params = named_floating_parameters(model)
+    total = 0.0
+    with torch.no_grad(), safe_open(str(path), framework="pt", device="cpu") as f:
+        keys = set(f.keys())
+        missing = [name for name in params if name not in keys]
+        if missing:
+            raise RunDirectoryError(
+                f"{path} has no tensor {missing[0]!r}: the parent and child models differ. "
+                "Train the children with the parent's architecture."
+            )
+        for name, p in params.items():
+            ref = f.get_tensor(name)
+            total += float((p.detach().to("cpu", torch.float64) - ref.to(torch.float64)).pow(2).sum())
+    return math.sqrt(total)
+
+
+class ParentTrajectoryCallback(TrainerCallback):
+    """Keeps the parent's parameters at the given steps for the children to compare with.
+
+    Snapshots are held in CPU memory and written (main process only, to ``path_for(step)``)
+    before every checkpoint save, at the end of training, and whenever more than
+    ``max_buffer_bytes`` are held: disk writes stay out of ordinary training steps, and a
+    checkpoint never exists without the snapshots of the steps before it.
+    """
+
+    def __init__(self, steps: Iterable[int], path_for: Callable[[int], Path], max_buffer_bytes: int = 2 << 30):
+        self.steps = set(int(s) for s in steps)
+        self.path_for = path_for
+        self.max_buffer_bytes = max_buffer_bytes
+        self._buffer: dict[int, dict[str, torch.Tensor]] = {}
+
+    def flush(self) -> None:
+        for step, params in sorted(self._buffer.items()):
+            save_tensors(self.path_for(step), params, metadata={"step": str(step)})
+        self._buffer.clear()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        if state.global_step in self.steps:
+            params = named_floating_parameters(kwargs["model"])
+            self._buffer[state.global_step] = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+        held = sum(t.numel() * t.element_size() for snap in self._buffer.values() for t in snap.values())
+        if control.should_save or held > self.max_buffer_bytes:
+            self.flush()
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if state.is_world_process_zero:
+            self.flush()
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if state.is_world_process_zero:
+            self.flush()
+
+
+class DivergenceCallback(TrainerCallback):
+    """Logs the child's L2 distance to the parent at the steps where a parent file exists.
+
+    The value goes to ``output_file`` (JSON lines) and, through ``pending_logs``, into the
+    Trainer's own logs (``StabilityTrainer.log`` merges it), so every configured logger sees
+    it. A NaN or Inf distance raises ``ChildDivergedError``.
+    """
+
+    def __init__(
+        self,
+        spawn_step: int,
+        steps: Iterable[int],
+        path_for: Callable[[int], Path],
+        output_file: str | Path,
+    ):
+        self.spawn_step = int(spawn_step)
+        self.steps = set(int(s) for s in steps)
+        self.path_for = path_for
+        self.output_file = Path(output_file)
+        self.pending_logs: dict[str, float] = {}
+
+    def _record(self, state: TrainerState, model: nn.Module) -> float:
+        l2 = l2_to_file(model, self.path_for(state.global_step))
+        if state.is_world_process_zero:
+            with open(self.output_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": state.global_step, "l2": l2}) + "\n")
+        if not math.isfinite(l2):
+            raise ChildDivergedError(state.global_step, f"L2 distance to the parent is {l2}")
+        return l2
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        # After a resume, drop lines written past the checkpoint: they are computed again.
+        if state.is_world_process_zero:
+            step = state.global_step
+            kept = [
+                row
+                for row in read_jsonl(self.output_file)
+                if row.get("step", -1) < step or (row.get("step") == step and step != self.spawn_step)
+            ]
+            write_jsonl(self.output_file, kept)
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        # Right after the perturbation: the distance is the perturbation's own size.
+        if state.global_step == self.spawn_step:
+            self._record(state, kwargs["model"])
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if state.global_step in self.steps:
+            self.pending_logs[LOG_KEY] = self._record(state, kwargs["model"])
+            control.should_log = True
+
+    def pop_logs(self) -> dict[str, Any]:
+        logs, self.pending_logs = self.pending_logs, {}
+        return logs

@@ -1,0 +1,103 @@
+"""PerturbationConfig: what a perturbation is, validated on construction."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import PerturbationConfigError
+
+#: Kinds that change the weights once, at the spawn step.
+WEIGHT_KINDS = ("gaussian", "batch")
+#: Kinds that change the randomness after the spawn step (the SGD-noise baselines).
+RNG_KINDS = ("data_order", "dropout")
+#: "none" is the control: nothing changes.
+KINDS = ("none", *WEIGHT_KINDS, *RNG_KINDS)
+SCALE_MODES = ("init", "param", "absolute")
+
+
+@dataclass
+class PerturbationConfig:
+    """One perturbation, applied once at the spawn step.
+
+    The noise of parameter tensor ``p`` is ``scale * s_p * eps_p`` where ``s_p`` follows
+    ``scale_mode`` (``init``: the std the model's initialiser draws ``p`` from; ``param``:
+    the std of ``p`` now; ``absolute``: 1) and ``eps_p`` is standard normal noise
+    (kind ``gaussian``) or the normalised loss gradient on an independent batch (kind
+    ``batch``). Kinds ``data_order`` and ``dropout`` change no weight: after the spawn step
+    the run uses another data order or dropout seed. Kind ``none`` is the control.
+    """
+
+    kind: str = "gaussian"
+    scale: float = 0.01
+    scale_mode: str = "init"
+    normalize: bool = False
+    fraction: float | None = None
+    num_entries: int | None = None
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    seed: int = 0
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise PerturbationConfigError(
+                f"Unknown perturbation kind {self.kind!r}: expected one of {', '.join(KINDS)}."
+            )
+        if self.scale_mode not in SCALE_MODES:
+            raise PerturbationConfigError(
+                f"Unknown scale_mode {self.scale_mode!r}: expected one of {', '.join(SCALE_MODES)}."
+            )
+        try:
+            self.scale = float(self.scale)
+        except (TypeError, ValueError):
+            raise PerturbationConfigError(f"Perturbation scale must be a number, got {self.scale!r}.") from None
+        if math.isnan(self.scale) or math.isinf(self.scale) or self.scale < 0:
+            raise PerturbationConfigError(
+                f"Perturbation scale must be a finite number >= 0, got {self.scale}. "
+                "Use 0 for a control child and a small positive value (for example 0.01) otherwise."
+            )
+        if self.fraction is not None and self.num_entries is not None:
+            raise PerturbationConfigError(
+                "Give either fraction or num_entries, not both: fraction perturbs that share of the selected "
+                "entries, num_entries exactly that many."
+            )
+        if self.fraction is not None and not (0.0 < float(self.fraction) <= 1.0):
+            raise PerturbationConfigError(f"fraction must lie in (0, 1], got {self.fraction}.")
+        if self.num_entries is not None and int(self.num_entries) < 1:
+            raise PerturbationConfigError(
+                f"num_entries must be >= 1 (1 perturbs a single weight), got {self.num_entries}."
+            )
+        if self.batch_size < 1:
+            raise PerturbationConfigError(f"batch_size must be >= 1, got {self.batch_size}.")
+        self.include = list(self.include or [])
+        self.exclude = list(self.exclude or [])
+        for pattern in self.include + self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise PerturbationConfigError(f"Invalid regular expression {pattern!r}: {err}.") from None
+
+    @property
+    def changes_weights(self) -> bool:
+        """True for kinds that add noise to the weights (and a scale above zero)."""
+        return self.kind in WEIGHT_KINDS and self.scale > 0
+
+    @property
+    def is_control(self) -> bool:
+        return self.kind == "none" or (self.kind in WEIGHT_KINDS and self.scale == 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PerturbationConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise PerturbationConfigError(
+                f"Unknown perturbation fields {sorted(unknown)}: expected a subset of {sorted(known)}."
+            )
+        return cls(**data)

@@ -1,0 +1,99 @@
+"""Text classification study: a BERT-family model fine-tuned on a labelled text dataset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from datasets import DatasetDict
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments
+from transformers import set_seed as hf_set_seed
+
+from ..arguments import StabilityArguments
+from ..data import load_drug_reviews, load_tokenizer, load_tweet_sentiment, resolve_model
+from ..errors import HfStabilityError
+from ..metrics import classification_metrics
+from ..trainer import StabilityTrainer
+
+OFFLINE_DATASETS = {"tweets": load_tweet_sentiment, "drug_reviews": load_drug_reviews}
+
+
+@dataclass
+class TextClassificationArguments:
+    """Which model and data a text classification study uses."""
+
+    model_name_or_path: str = field(
+        default="minilm",
+        metadata={"help": "'minilm' (the packaged all-MiniLM-L6-v2), a local folder, or a Hub model name."},
+    )
+    dataset: str = field(
+        default="tweets",
+        metadata={"help": "'tweets', 'drug_reviews' (both offline), or a Hub dataset with text and label columns."},
+    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
+    label_column: str = field(default="label", metadata={"help": "Column holding the integer label."})
+    eval_split: str = field(default="test", metadata={"help": "Split used for evaluation."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N evaluation examples."})
+    max_length: int = field(default=64, metadata={"help": "Truncate texts to this many tokens."})
+
+    def __post_init__(self) -> None:
+        if self.max_length < 8:
+            raise HfStabilityError(f"max_length must be >= 8 tokens, got {self.max_length}.")
+
+
+def load_text_splits(args: TextClassificationArguments) -> DatasetDict:
+    loader = OFFLINE_DATASETS.get(args.dataset)
+    splits = loader() if loader is not None else load_tweet_sentiment(dataset_name=args.dataset)
+    for split in ("train", args.eval_split):
+        if split not in splits:
+            raise HfStabilityError(f"Dataset {args.dataset!r} has no {split!r} split (it has {list(splits)}).")
+        missing = {args.text_column, args.label_column} - set(splits[split].column_names)
+        if missing:
+            raise HfStabilityError(
+                f"Dataset {args.dataset!r} split {split!r} lacks columns {sorted(missing)}; pass --text_column / "
+                f"--label_column (columns: {splits[split].column_names})."
+            )
+    return splits
+
+
+def build_text_classification_trainer(
+    task: TextClassificationArguments,
+    stability: StabilityArguments,
+    training: TrainingArguments,
+) -> StabilityTrainer:
+    """Tokenise the data and return a StabilityTrainer whose model_init seeds the new classifier head."""
+    splits = load_text_splits(task)
+    train, evaluation = splits["train"], splits[task.eval_split]
+    if task.max_train_samples is not None:
+        train = train.select(range(min(task.max_train_samples, len(train))))
+    if task.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(task.max_eval_samples, len(evaluation))))
+    label_feature = train.features[task.label_column]
+    num_labels = getattr(label_feature, "num_classes", None) or len(set(train[task.label_column]))
+
+    model_path = resolve_model(task.model_name_or_path)
+    tokenizer = load_tokenizer(model_path)
+
+    def encode(batch):
+        encoded = tokenizer(batch[task.text_column], truncation=True, max_length=task.max_length)
+        encoded["labels"] = batch[task.label_column]
+        return encoded
+
+    columns = train.column_names
+    train = train.map(encode, batched=True, remove_columns=columns, desc="tokenising train")
+    evaluation = evaluation.map(encode, batched=True, remove_columns=evaluation.column_names, desc="tokenising eval")
+
+    def model_init():
+        hf_set_seed(training.seed)  # seeds the fresh classifier head
+        return AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
+
+    return StabilityTrainer(
+        model_init=model_init,
+        args=training,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=classification_metrics("accuracy"),
+        stability_args=stability,
+    )

@@ -1,0 +1,384 @@
+"""StabilityTrainer: a drop-in Trainer whose butterfly() runs a whole butterfly study."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import enable_full_determinism, set_seed
+
+from .arguments import StabilityArguments
+from .atomic_io import save_tensors, write_json
+from .callback import PerturbationCallback
+from .divergence import DivergenceCallback, ParentTrajectoryCallback, divergence_steps, named_floating_parameters
+from .errors import ChildDivergedError, HfStabilityError, RunDirectoryError, SpawnStepError
+from .run_directory import (
+    EVAL_RESULTS_NAME,
+    FORMAT_VERSION,
+    ChildSummary,
+    RunDirectory,
+    fingerprint,
+    is_complete_checkpoint,
+)
+
+logger = logging.getLogger(__name__)
+
+# TrainingArguments that change where or how things are written, never the weights.
+_NON_IDENTITY_ARGS = {
+    "output_dir", "logging_dir", "run_name", "report_to", "disable_tqdm", "logging_steps", "logging_strategy",
+    "logging_first_step", "logging_nan_inf_filter", "save_steps", "save_strategy", "save_total_limit",
+    "save_only_model", "save_safetensors", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token",
+    "hub_private_repo", "hub_always_push", "hub_revision", "dataloader_num_workers", "dataloader_pin_memory",
+    "dataloader_persistent_workers", "dataloader_prefetch_factor", "eval_steps", "eval_strategy",
+    "per_device_eval_batch_size", "eval_accumulation_steps", "eval_delay", "eval_on_start", "overwrite_output_dir",
+    "resume_from_checkpoint", "skip_memory_metrics", "include_num_input_tokens_seen", "project", "trackio_space_id",
+    "log_level", "log_level_replica", "log_on_each_node", "do_train", "do_eval", "do_predict",
+}
+_NON_IDENTITY_STABILITY = {"overwrite_run", "keep_parent_trajectory", "keep_child_checkpoints", "divergence_every"}
+
+
+def _library_versions() -> dict[str, str]:
+    import accelerate
+    import datasets
+    import transformers
+
+    from . import __version__
+
+    return {
+        "hf_stability": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "datasets": datasets.__version__,
+        "python": platform.python_version(),
+    }
+
+
+@dataclass
+class ButterflyResult:
+    """What ``butterfly()`` returns: where the run is and one summary row per child."""
+
+    run_dir: Path
+    max_steps: int
+    parent_metrics: dict[str, float]
+    children: list[ChildSummary] = field(default_factory=list)
+
+    def format_table(self, metric: str = "eval_accuracy") -> str:
+        """A plain-text table: spawn step, child, final L2 to parent, the chosen eval metric."""
+        header = f"{'spawn step':>10}  {'child':<12}  {'final L2 to parent':>18}  {metric:>14}"
+        lines = [header, "-" * len(header)]
+        parent = self.parent_metrics.get(metric)
+        lines.append(f"{'-':>10}  {'parent':<12}  {0.0:>18.6g}  {_fmt(parent):>14}")
+        for row in self.children:
+            name = f"c{row.child}" + (" (control)" if row.is_control else "")
+            if row.status == "diverged":
+                name = f"c{row.child} DIVERGED"
+            lines.append(
+                f"{row.spawn_step:>10}  {name:<12}  {_fmt(row.final_l2):>18}  {_fmt(row.eval_metrics.get(metric)):>14}"
+            )
+        return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.6g}"
+
+
+class _SpawnCheckpointCallback(TrainerCallback):
+    """Makes the parent save a full Trainer checkpoint at every spawn step (step 0: before the
+    first optimizer step). Internal to StabilityTrainer, which owns it."""
+
+    def __init__(self, trainer: StabilityTrainer, steps: list[int]):
+        self.trainer = trainer
+        self.steps = set(steps)
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        # Not when resuming from checkpoint-0 itself: it is complete and must not be rewritten in place.
+        if 0 in self.steps and state.global_step == 0 and not is_complete_checkpoint(Path(args.output_dir) / "checkpoint-0"):
+            self.trainer._save_checkpoint(kwargs["model"], trial=None)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if state.global_step in self.steps:
+            control.should_save = True
+
+
+class StabilityTrainer(Trainer):
+    """A ``transformers.Trainer`` that can run a butterfly study.
+
+    ``train()`` is the Trainer's own. ``butterfly()`` trains a parent, saving checkpoints at the
+    spawn steps, then resumes every child from its spawn checkpoint (same optimizer state,
+    schedule, data order and RNG), perturbs it and trains it to the parent's last step. The run
+    directory is ``args.output_dir``; a killed study resumes where it stopped when started again.
+
+    Example::
+
+        trainer = StabilityTrainer(model_init=init, args=TrainingArguments("runs/x", max_steps=200),
+                                   train_dataset=train, eval_dataset=test,
+                                   stability_args=StabilityArguments(spawn_steps=[0, 50, 150]))
+        result = trainer.butterfly()
+        print(result.format_table())
+    """
+
+    def __init__(self, *args: Any, stability_args: StabilityArguments | None = None, **kwargs: Any):
+        optimizers = kwargs.get("optimizers", (None, None))
+        self._user_optimizer = optimizers is not None and any(o is not None for o in optimizers)
+        super().__init__(*args, **kwargs)
+        self.stability_args = stability_args if stability_args is not None else StabilityArguments()
+        self._training_child: tuple[int, int] | None = None
+
+    # ---- Trainer hooks -------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The Trainer's log, plus the divergence of a child at this step."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, DivergenceCallback):
+                logs.update(callback.pop_logs())
+        super().log(logs, start_time)
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._training_child is not None and not torch.isfinite(loss).all():
+            raise ChildDivergedError(self.state.global_step + 1, f"training loss is {float(loss)}")
+        return loss
+
+    # ---- butterfly --------------------------------------------------------------------------
+    def butterfly(self) -> ButterflyResult:
+        """Train the parent and every child; write and return the run directory's summary."""
+        self._check_butterfly_arguments()
+        sargs = self.stability_args
+        max_steps = self._planned_max_steps()
+        late = [t for t in sargs.spawn_steps if t >= max_steps]
+        if late:
+            raise SpawnStepError(
+                f"Spawn steps {late} are at or beyond the last training step ({max_steps}): a child needs at least "
+                f"one step to train. Choose spawn steps in [0, {max_steps - 1}] or train longer."
+            )
+        run = RunDirectory(self.args.output_dir)
+        if self.is_world_process_zero():
+            run.prepare(self._run_config(max_steps), overwrite=sargs.overwrite_run)
+        self.accelerator.wait_for_everyone()
+
+        saved = (self.args.output_dir, self.args.save_total_limit)
+        jobs = [(t, k) for t in sargs.spawn_steps for k in sargs.child_indices()]
+        try:
+            self._train_parent(run, max_steps)
+            progress = tqdm(
+                total=len(jobs), desc="children", unit="child", disable=not self.is_world_process_zero(), position=0
+            )
+            with progress:
+                for t, k in jobs:
+                    if run.child_status(t, k) == "pending":
+                        self._train_child(run, t, k, max_steps)
+                    progress.update(1)
+        finally:
+            self.args.output_dir, self.args.save_total_limit = saved
+
+        if self.is_world_process_zero() and not sargs.keep_parent_trajectory:
+            shutil.rmtree(run.trajectory_dir, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return ButterflyResult(
+            run_dir=run.root, max_steps=max_steps, parent_metrics=run.parent_metrics(), children=run.summary()
+        )
+
+    def _check_butterfly_arguments(self) -> None:
+        if self._user_optimizer:
+            raise HfStabilityError(
+                "butterfly() builds a fresh optimizer for the parent and for every child and loads the spawn "
+                "checkpoint's state into it, so it cannot reuse optimizers=(...). Choose the optimizer with "
+                "TrainingArguments.optim / optim_args or override create_optimizer()."
+            )
+        if self.args.load_best_model_at_end:
+            raise HfStabilityError(
+                "load_best_model_at_end=True replaces each run's final weights with an earlier checkpoint; a "
+                "butterfly study compares the weights at the last step. Set load_best_model_at_end=False."
+            )
+        if self.train_dataset is None:
+            raise HfStabilityError("butterfly() needs a train_dataset.")
+
+    def _planned_max_steps(self) -> int:
+        if self.args.max_steps > 0:
+            return int(self.args.max_steps)
+        values = self.set_initial_training_values(self.args, self.get_train_dataloader())
+        return int(values[-1])
+
+    def _run_config(self, max_steps: int) -> dict[str, Any]:
+        sargs = self.stability_args
+        training = self.args.to_dict()
+        model = self.model
+        model_config = getattr(model, "config", None)
+        model_info: dict[str, Any] = {"class": type(model).__name__}
+        if model_config is not None and hasattr(model_config, "to_dict"):
+            config_dict = model_config.to_dict()
+            for key in ("_name_or_path", "transformers_version", "name_or_path"):
+                config_dict.pop(key, None)
+            model_info["config"] = config_dict
+        dataset = self.train_dataset
+        data_info = {
+            "class": type(dataset).__name__,
+            "length": len(dataset) if hasattr(dataset, "__len__") else None,
+            "fingerprint": getattr(dataset, "_fingerprint", None),
+        }
+        identity = {
+            "format_version": FORMAT_VERSION,
+            "stability_arguments": {k: v for k, v in sargs.to_dict().items() if k not in _NON_IDENTITY_STABILITY},
+            "training_arguments": {k: v for k, v in training.items() if k not in _NON_IDENTITY_ARGS},
+            "model": model_info,
+            "train_dataset": data_info,
+            "max_steps": max_steps,
+        }
+        identity = json.loads(json.dumps(identity, sort_keys=True, default=str))  # as it will be read back
+        children = sargs.child_indices()
+        return {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": fingerprint(identity),
+            "max_steps": max_steps,
+            "spawn_steps": list(sargs.spawn_steps),
+            "children": children,
+            "perturbations": {
+                f"t{t}": {f"c{k}": sargs.config_for_child(k).to_dict() for k in children} for t in sargs.spawn_steps
+            },
+            "seeds": {"seed": self.args.seed, "data_seed": self.args.data_seed, "perturbation_seed": sargs.perturbation_seed},
+            "stability_arguments": sargs.to_dict(),
+            "training_arguments": training,
+            "versions": _library_versions(),
+            "identity": identity,
+        }
+
+    def _reference_file(self, run: RunDirectory, step: int) -> Path:
+        return run.initial_weights if step == 0 else run.trajectory_file(step)
+
+    def _train_parent(self, run: RunDirectory, max_steps: int) -> None:
+        if run.parent_final.is_dir():
+            missing = [t for t in self.stability_args.spawn_steps if not is_complete_checkpoint(run.parent_checkpoint(t))]
+            if missing:
+                raise RunDirectoryError(
+                    f"The parent has finished but its spawn checkpoints {missing} are missing or incomplete in "
+                    f"{run.parent_dir}. Re-run with --overwrite_run to train the parent again."
+                )
+            return
+        sargs = self.stability_args
+        reference_steps = set(sargs.spawn_steps)
+        for t in sargs.spawn_steps:
+            reference_steps.update(divergence_steps(t, max_steps, sargs.divergence_every))
+        reference_steps.discard(0)
+        resume = None
+        if self.is_world_process_zero():
+            resume = run.last_complete_checkpoint(
+                run.parent_dir,
+                requires=lambda step: [run.trajectory_file(s) for s in reference_steps if s <= step],
+            )
+        resume = self._broadcast_path(resume)
+        if resume is None:
+            if run.initial_weights.is_file():
+                if self.model_init is None:
+                    self._load_parameters(run.initial_weights)
+            elif self.is_world_process_zero():
+                save_tensors(run.initial_weights, named_floating_parameters(self.model))
+        # a resumed parent must not keep snapshots newer than its checkpoint: they are made again
+        if self.is_world_process_zero() and run.trajectory_dir.is_dir():
+            start = int(resume.name.split("-")[-1]) if resume is not None else 0
+            for path in run.trajectory_dir.glob("step-*.safetensors"):
+                if int(path.stem.split("-")[-1]) > start:
+                    path.unlink()
+        self.accelerator.wait_for_everyone()
+
+        callbacks = [
+            _SpawnCheckpointCallback(self, sargs.spawn_steps),
+            ParentTrajectoryCallback(reference_steps, run.trajectory_file),
+        ]
+        if self.args.save_total_limit is not None:
+            logger.warning("save_total_limit is ignored for the parent: its spawn checkpoints must all be kept.")
+        self.args.save_total_limit = None
+        self._train_run(run.parent_dir, callbacks, resume)
+        self._finalize(run.parent_final)
+
+    def _train_child(self, run: RunDirectory, t: int, k: int, max_steps: int) -> None:
+        sargs = self.stability_args
+        directory = run.child_dir(t, k)
+        spawn = run.parent_checkpoint(t)
+        if not is_complete_checkpoint(spawn):
+            raise RunDirectoryError(
+                f"The spawn checkpoint {spawn} is missing or incomplete. Re-run with --overwrite_run to train the "
+                "parent again."
+            )
+        if self.is_world_process_zero():
+            directory.mkdir(parents=True, exist_ok=True)
+        own = run.last_complete_checkpoint(directory) if self.is_world_process_zero() else None
+        resume = self._broadcast_path(own) or spawn
+        callbacks = [
+            PerturbationCallback(sargs.config_for_child(k), at_step=t, child=k, record_path=directory / "perturbation.json"),
+            DivergenceCallback(
+                spawn_step=t,
+                steps=divergence_steps(t, max_steps, sargs.divergence_every),
+                path_for=lambda step: self._reference_file(run, step),
+                output_file=directory / "divergence.jsonl",
+            ),
+        ]
+        self._training_child = (t, k)
+        try:
+            self._train_run(directory, callbacks, resume)
+        except ChildDivergedError as err:
+            logger.warning("Child %d of spawn step %d diverged at step %d (%s); going on.", k, t, err.step, err.reason)
+            if self.is_world_process_zero():
+                write_json(directory / "diverged.json", {"step": err.step, "reason": err.reason})
+            self.accelerator.wait_for_everyone()
+            return
+        finally:
+            self._training_child = None
+        self._finalize(run.child_final(t, k))
+        if self.is_world_process_zero() and not sargs.keep_child_checkpoints:
+            for checkpoint in directory.glob("checkpoint-*"):
+                shutil.rmtree(checkpoint, ignore_errors=True)
+
+    def _train_run(self, output_dir: Path, callbacks: list[TrainerCallback], resume: Path | None) -> None:
+        """One Trainer.train() call of the study: fresh optimizer, seeded RNG, extra callbacks."""
+        self.args.output_dir = str(output_dir)
+        self.optimizer, self.lr_scheduler = None, None
+        enable_full_determinism(self.args.seed) if self.args.full_determinism else set_seed(self.args.seed)
+        for callback in callbacks:
+            self.add_callback(callback)
+        try:
+            self.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        finally:
+            ours = (PerturbationCallback, DivergenceCallback, ParentTrajectoryCallback, _SpawnCheckpointCallback)
+            self.callback_handler.callbacks = [
+                cb for cb in self.callback_handler.callbacks if not isinstance(cb, ours)
+            ]
+
+    def _finalize(self, final_dir: Path) -> None:
+        """Evaluate, then write ``final/`` (weights, config, tokenizer, eval results) in one rename."""
+        metrics = self.evaluate() if self.eval_dataset is not None else {}
+        tmp = final_dir.with_name(".final.tmp")
+        if self.is_world_process_zero() and tmp.exists():
+            shutil.rmtree(tmp)
+        self.accelerator.wait_for_everyone()
+        self.save_model(str(tmp))
+        if self.is_world_process_zero():
+            (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle: not part of the run directory
+            write_json(tmp / EVAL_RESULTS_NAME, {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+            os.replace(tmp, final_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _load_parameters(self, path: Path) -> None:
+        params = named_floating_parameters(self.model)
+        with torch.no_grad(), safe_open(str(path), framework="pt", device="cpu") as f:
+            for name, p in params.items():
+                p.copy_(f.get_tensor(name))
+
+    def _broadcast_path(self, path: Path | None) -> Path | None:
+        """Rank 0's decision, shared with every rank."""
+        if self.args.world_size <= 1:
+            return path
+        from accelerate.utils import broadcast_object_list
+
+        box = [str(path) if path is not None else None]
+        broadcast_object_list(box, from_process=0)
+        return Path(box[0]) if box[0] is not None else None

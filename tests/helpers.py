@@ -1,0 +1,75 @@
+"""Small real models and data for the tests: a tiny random BERT and slices of the real tweets."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+from datasets import Dataset
+from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+
+from hf_stability.data import load_tokenizer, load_tweet_sentiment
+
+
+def tiny_bert_config(**overrides) -> BertConfig:
+    values = dict(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+    )
+    values.update(overrides)
+    return BertConfig(**values)
+
+
+def tiny_bert(seed: int = 0, **overrides) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(tiny_bert_config(**overrides))
+
+
+@cache
+def _tokenized_tweets(n_train: int, n_eval: int, max_length: int) -> tuple[Dataset, Dataset]:
+    tokenizer = load_tokenizer()
+    splits = load_tweet_sentiment()
+    train = splits["train"].select(range(n_train))
+    test = splits["test"].select(range(n_eval))
+
+    def encode(batch):
+        return tokenizer(batch["text"], truncation=True, padding="max_length", max_length=max_length)
+
+    train = train.map(encode, batched=True, remove_columns=["text"])
+    test = test.map(encode, batched=True, remove_columns=["text"])
+    return train, test
+
+
+def tweets(n_train: int = 128, n_eval: int = 64, max_length: int = 32) -> tuple[Dataset, Dataset]:
+    return _tokenized_tweets(n_train, n_eval, max_length)
+
+
+def training_args(output_dir, **overrides) -> TrainingArguments:
+    values = dict(
+        output_dir=str(output_dir),
+        max_steps=12,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=32,
+        learning_rate=1e-3,
+        warmup_steps=2,
+        seed=7,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=4,
+        disable_tqdm=True,
+        use_cpu=True,
+        dataloader_num_workers=0,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def model_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

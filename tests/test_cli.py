@@ -1,0 +1,66 @@
+"""The command line and the project's two set-up commands."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from hf_stability.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_holds_two_setup_commands_and_ci_runs_the_test_one():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- setup-commands -->\s*```bash\n(.*?)```", readme, re.DOTALL)
+    assert block, "README.md must keep its set-up commands in the marked block"
+    commands = [line for line in block.group(1).splitlines() if line.strip() and not line.startswith("#")]
+    assert len(commands) == 2
+    demo, tests = commands
+    assert "hf-stability demo" in demo and "pytest" in tests
+    assert tests in (ROOT / ".ci" / "run").read_text()
+
+
+def test_usage_lists_the_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "demo" in out and "train" in out
+    assert main(["fly"]) == 2
+
+
+def test_demo_runs_end_to_end_and_prints_the_table(tmp_path):
+    command = [
+        sys.executable, "-m", "hf_stability.cli", "demo", "--output_dir", str(tmp_path / "demo"),
+        "--max_steps", "3", "--spawn_steps", "0", "1", "--num_children", "1",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "final L2 to parent" in out and "eval_accuracy" in out
+    assert re.search(r"^\s+0\s+c0 \(control\)\s+0\s+0\.\d+", out, re.MULTILINE)
+    assert re.search(r"^\s+1\s+c1\s+[0-9.e-]+\s+0\.\d+", out, re.MULTILINE)
+    assert f"Run directory: {tmp_path / 'demo'}" in out
+    assert "children: 100%" in result.stderr  # tqdm progress
+
+
+def test_user_errors_exit_with_a_message_not_a_traceback(tmp_path):
+    command = [
+        sys.executable, "-m", "hf_stability.cli", "demo", "--output_dir", str(tmp_path / "d"),
+        "--max_steps", "3", "--spawn_steps", "5",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    assert "error: Spawn steps [5] are at or beyond the last training step (3)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_recipe_config_parses_into_the_three_argument_dataclasses():
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from hf_stability import StabilityArguments
+    from hf_stability.tasks import TextClassificationArguments
+
+    parser = HfArgumentParser((TextClassificationArguments, StabilityArguments, TrainingArguments))
+    task, stability, training = parser.parse_json_file(str(ROOT / "recipes" / "configs" / "minilm_tweets.json"))
+    assert task.dataset == "tweets" and stability.spawn_steps == [0, 25, 100, 250]
+    assert max(stability.spawn_steps) < training.max_steps

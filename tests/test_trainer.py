@@ -1,0 +1,246 @@
+"""StabilityTrainer: train() is the Trainer's, butterfly() writes a resumable run directory."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import model_state, tiny_bert, training_args, tweets
+from safetensors.torch import load_file
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+
+from hf_stability import (
+    HfStabilityError,
+    RunConfigMismatchError,
+    SpawnStepError,
+    StabilityArguments,
+    StabilityTrainer,
+)
+from hf_stability.divergence import LOG_KEY
+from hf_stability.metrics import classification_metrics
+from hf_stability.tasks import TextClassificationArguments, build_text_classification_trainer
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def _weights(path):
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def _equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _tiny_trainer(out, stability=None, **overrides):
+    train, test = tweets()
+    return StabilityTrainer(
+        model_init=lambda: tiny_bert(0),
+        args=training_args(out, **overrides),
+        train_dataset=train,
+        eval_dataset=test,
+        compute_metrics=classification_metrics(),
+        stability_args=stability or StabilityArguments(spawn_steps=[0, 5], num_children=2, divergence_every=4),
+    )
+
+
+def test_train_is_bitwise_the_plain_trainer(tmp_path):
+    train, _ = tweets()
+    plain = Trainer(model=tiny_bert(0), args=training_args(tmp_path / "a"), train_dataset=train)
+    plain.train()
+    ours = StabilityTrainer(model=tiny_bert(0), args=training_args(tmp_path / "b"), train_dataset=train)
+    ours.train()
+    assert _equal(model_state(plain.model), model_state(ours.model))
+
+
+@pytest.fixture(scope="module")
+def minilm_runs(tmp_path_factory):
+    """Two identical butterfly studies of the packaged MiniLM (pretrained BERT, seeded new head)."""
+    runs = []
+    for name in ("a", "b"):
+        task = TextClassificationArguments(max_train_samples=64, max_eval_samples=32, max_length=24)
+        stability = StabilityArguments(spawn_steps=[0, 2], num_children=1, divergence_every=2)
+        training = training_args(tmp_path_factory.mktemp(name), max_steps=5, learning_rate=5e-5)
+        runs.append(build_text_classification_trainer(task, stability, training).butterfly())
+    return runs
+
+
+def test_minilm_control_child_ends_bitwise_equal_to_parent(minilm_runs):
+    run = minilm_runs[0].run_dir
+    parent = _weights(run / "parent" / "final")
+    for t in (0, 2):
+        assert _equal(parent, _weights(run / "children" / f"t{t}" / "c0" / "final")), f"control of step {t}"
+
+
+def test_minilm_perturbed_child_ends_measurably_different(minilm_runs):
+    result = minilm_runs[0]
+    parent = _weights(result.run_dir / "parent" / "final")
+    for t in (0, 2):
+        child = _weights(result.run_dir / "children" / f"t{t}" / "c1" / "final")
+        l2 = math.sqrt(sum(float((parent[k].double() - child[k].double()).pow(2).sum()) for k in parent))
+        assert l2 > 1e-3
+        row = next(r for r in result.children if r.spawn_step == t and r.child == 1)
+        assert row.final_l2 == pytest.approx(l2, rel=1e-6)
+
+
+def test_two_identical_butterfly_runs_give_identical_weights(minilm_runs):
+    a, b = (r.run_dir for r in minilm_runs)
+    finals = ["parent/final"] + [f"children/t{t}/c{k}/final" for t in (0, 2) for k in (0, 1)]
+    for final in finals:
+        assert _equal(_weights(a / final), _weights(b / final)), final
+
+
+def test_run_directory_follows_the_contract(tmp_path):
+    result = _tiny_trainer(tmp_path).butterfly()
+    run = result.run_dir
+    config = json.loads((run / "stability_config.json").read_text())
+    assert config["spawn_steps"] == [0, 5] and config["children"] == [0, 1, 2] and config["max_steps"] == 12
+    assert {"torch", "transformers", "accelerate"} <= set(config["versions"])
+    assert config["perturbations"]["t5"]["c0"]["kind"] == "none"
+    assert (run / "parent" / "checkpoint-0" / "trainer_state.json").is_file()
+    assert (run / "parent" / "checkpoint-5" / "optimizer.pt").is_file()
+    assert not (run / "parent" / "trajectory").exists()
+    for t in (0, 5):
+        for k in (0, 1, 2):
+            child = run / "children" / f"t{t}" / f"c{k}"
+            assert (child / "final" / "model.safetensors").is_file()
+            assert not (child / "final" / "training_args.bin").exists()
+            assert "eval_accuracy" in json.loads((child / "final" / "eval_results.json").read_text())
+            record = json.loads((child / "perturbation.json").read_text())
+            assert record["step"] == t and record["child"] == k
+            assert (record["change_l2"] == 0) == (k == 0)
+            assert not list(child.glob("checkpoint-*"))
+
+
+def test_divergence_is_logged_every_n_steps_to_file_and_trainer_logs(tmp_path):
+    trainer = _tiny_trainer(tmp_path)
+    result = trainer.butterfly()
+    child = result.run_dir / "children" / "t5" / "c1"
+    rows = [json.loads(line) for line in (child / "divergence.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 8, 12]
+    record = json.loads((child / "perturbation.json").read_text())
+    assert rows[0]["l2"] == pytest.approx(record["change_l2"], rel=1e-9)
+    parent = _weights(result.run_dir / "parent" / "final")
+    final = _weights(child / "final")
+    l2 = math.sqrt(sum(float((parent[k].double() - final[k].double()).pow(2).sum()) for k in parent))
+    assert rows[-1]["l2"] == pytest.approx(l2, rel=1e-9)
+    # the last child's own Trainer logs carry the same numbers
+    logged = [(h["step"], h[LOG_KEY]) for h in trainer.state.log_history if LOG_KEY in h]
+    last = json.loads((result.run_dir / "children" / "t5" / "c2" / "divergence.jsonl").read_text().splitlines()[-1])
+    assert logged[-1] == (12, pytest.approx(last["l2"], rel=1e-12))
+
+
+def _run_script(out, *kill):
+    return subprocess.run(
+        [sys.executable, str(SCRIPTS / "butterfly_run.py"), str(out), *map(str, kill)],
+        capture_output=True, text=True, timeout=600,
+    )
+
+
+def _all_finals(run):
+    return ["parent/final"] + [f"children/t{t}/c{k}/final" for t in (0, 5) for k in (0, 1, 2)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert _run_script(out).returncode == 0
+    return out
+
+
+@pytest.mark.parametrize("kill", [("parent", 2), ("parent", 7), ("children/t0/c2", 6), ("children/t5/c1", 9)])
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted, kill):
+    killed = _run_script(tmp_path, *kill)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    done_before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("children/*/*/final/model.safetensors")}
+    resumed = _run_script(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for final in _all_finals(tmp_path):
+        assert _equal(_weights(tmp_path / final), _weights(uninterrupted / final)), final
+    for path, mtime in done_before.items():
+        assert path.stat().st_mtime_ns == mtime, f"{path} was trained again"
+    for name in ("divergence.jsonl", "perturbation.json"):
+        for t, k in ((0, 2), (5, 1)):
+            a = (tmp_path / f"children/t{t}/c{k}" / name).read_text()
+            b = (uninterrupted / f"children/t{t}/c{k}" / name).read_text()
+            assert a == b, name
+
+
+def test_run_of_another_configuration_is_refused_unless_overwrite(tmp_path):
+    _tiny_trainer(tmp_path, max_steps=8).butterfly()
+    other = StabilityArguments(spawn_steps=[0, 5], num_children=2, perturbation_scale=0.5)
+    with pytest.raises(RunConfigMismatchError, match="perturbation_scale: 0.01 -> 0.5"):
+        _tiny_trainer(tmp_path, other, max_steps=8).butterfly()
+    assert json.loads((tmp_path / "stability_config.json").read_text())["stability_arguments"]["perturbation_scale"] == 0.01
+    other.overwrite_run = True
+    result = _tiny_trainer(tmp_path, other, max_steps=8).butterfly()
+    assert json.loads((result.run_dir / "stability_config.json").read_text())["stability_arguments"]["perturbation_scale"] == 0.5
+
+
+def test_spawn_step_at_or_beyond_training_is_refused_before_writing(tmp_path):
+    with pytest.raises(SpawnStepError, match=r"at or beyond the last training step \(12\)"):
+        _tiny_trainer(tmp_path / "run", StabilityArguments(spawn_steps=[3, 12])).butterfly()
+    # the Trainer itself creates an empty output_dir; nothing of the study is written
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+@pytest.mark.parametrize(
+    "include, scale, step, reason",
+    [(["word_embeddings"], 1e20, 5, "training loss is nan"), (["classifier"], 1e39, 4, "L2 distance to the parent is inf")],
+    ids=["nan-loss", "inf-weights"],
+)
+def test_nan_child_is_marked_diverged_and_the_others_go_on(tmp_path, include, scale, step, reason):
+    stability = StabilityArguments(
+        spawn_steps=[4], num_children=2, perturbation_scale=scale, perturbation_scale_mode="absolute",
+        perturbation_include=include,
+    )
+    result = _tiny_trainer(tmp_path, stability).butterfly()
+    status = {r.child: r.status for r in result.children}
+    assert status == {0: "done", 1: "diverged", 2: "diverged"}
+    diverged = json.loads((result.run_dir / "children" / "t4" / "c1" / "diverged.json").read_text())
+    assert diverged["step"] == step and reason in diverged["reason"]
+    assert not (result.run_dir / "children" / "t4" / "c1" / "final").exists()
+    assert _equal(_weights(result.run_dir / "parent" / "final"), _weights(result.run_dir / "children/t4/c0/final"))
+    assert "DIVERGED" in result.format_table()
+
+
+@pytest.mark.parametrize("kind", ["data_order", "dropout"])
+def test_sgd_noise_children_differ_while_control_stays_equal(tmp_path, kind):
+    stability = StabilityArguments(spawn_steps=[4], num_children=1, perturbation_kind=kind)
+    result = _tiny_trainer(tmp_path, stability).butterfly()
+    run = result.run_dir
+    parent = _weights(run / "parent" / "final")
+    assert _equal(parent, _weights(run / "children/t4/c0/final"))
+    assert not _equal(parent, _weights(run / "children/t4/c1/final"))
+    record = json.loads((run / "children/t4/c1/perturbation.json").read_text())
+    assert record["kind"] == kind and record["reseed"] is not None and record["change_l2"] == 0
+
+
+def test_stability_arguments_parse_with_hf_argument_parser():
+    parser = HfArgumentParser((StabilityArguments, TrainingArguments))
+    stability, _ = parser.parse_args_into_dataclasses(
+        ["--output_dir", "x", "--spawn_steps", "50", "0", "10", "--num_children", "4", "--perturbation_scale",
+         "0.001", "--perturbation_include", "encoder", "pooler", "--control_child", "false"]
+    )
+    assert stability.spawn_steps == [0, 10, 50] and stability.num_children == 4
+    assert stability.perturbation_include == ["encoder", "pooler"] and stability.child_indices() == [1, 2, 3, 4]
+    with pytest.raises(HfStabilityError, match="finite number >= 0"):
+        parser.parse_args_into_dataclasses(["--output_dir", "x", "--perturbation_scale", "nan"])
+    with pytest.raises(HfStabilityError, match="Unknown perturbation kind"):
+        parser.parse_args_into_dataclasses(["--output_dir", "x", "--perturbation_kind", "uniform"])
+
+
+def test_butterfly_refuses_settings_that_break_the_comparison(tmp_path):
+    trainer = _tiny_trainer(tmp_path, load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps")
+    with pytest.raises(HfStabilityError, match="load_best_model_at_end"):
+        trainer.butterfly()
+    train, _ = tweets()
+    model = tiny_bert(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = StabilityTrainer(
+        model=model, args=training_args(tmp_path / "b"), train_dataset=train, optimizers=(optimizer, None)
+    )
+    with pytest.raises(HfStabilityError, match="fresh optimizer"):
+        trainer.butterfly()
