@@ -46,3 +46,11 @@ class ChildDivergedError(HfStabilityError, FloatingPointError):
         super().__init__(f"child diverged at step {step}: {reason}")
         self.step = step
         self.reason = reason
+
+
+class ArchitectureMismatchError(HfStabilityError, ValueError):
+    """Two models that should be compared have different tensors or shapes."""
+
+
+class AnalysisDataError(HfStabilityError, ValueError):
+    """The data given to the analyzer cannot be evaluated (empty, no labels...)."""

@@ -22,6 +22,7 @@ from .atomic_io import save_tensors, write_json
 from .callback import PerturbationCallback
 from .divergence import DivergenceCallback, ParentTrajectoryCallback, divergence_steps, named_floating_parameters
 from .errors import ChildDivergedError, HfStabilityError, RunDirectoryError, SpawnStepError
+from .perturb import WEIGHT_KINDS, init_scales, select_parameters
 from .run_directory import (
     EVAL_RESULTS_NAME,
     FORMAT_VERSION,
@@ -202,6 +203,11 @@ class StabilityTrainer(Trainer):
             )
         if self.train_dataset is None:
             raise HfStabilityError("butterfly() needs a train_dataset.")
+        config = self.stability_args.perturbation_config()
+        if config.kind in WEIGHT_KINDS:  # fail now, not after the parent has trained
+            selected = select_parameters(self.model, config.include, config.exclude)
+            if config.scale_mode == "init":
+                init_scales(self.model, list(selected))
 
     def _planned_max_steps(self) -> int:
         if self.args.max_steps > 0:

@@ -14,6 +14,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from hf_stability import (
     HfStabilityError,
+    NoMatchingParametersError,
     RunConfigMismatchError,
     SpawnStepError,
     StabilityArguments,
@@ -183,6 +184,13 @@ def test_spawn_step_at_or_beyond_training_is_refused_before_writing(tmp_path):
     with pytest.raises(SpawnStepError, match=r"at or beyond the last training step \(12\)"):
         _tiny_trainer(tmp_path / "run", StabilityArguments(spawn_steps=[3, 12])).butterfly()
     # the Trainer itself creates an empty output_dir; nothing of the study is written
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_include_pattern_matching_nothing_is_refused_before_training(tmp_path):
+    stability = StabilityArguments(spawn_steps=[2], perturbation_include=[r"^decoder\."])
+    with pytest.raises(NoMatchingParametersError, match="match no parameter"):
+        _tiny_trainer(tmp_path / "run", stability).butterfly()
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
