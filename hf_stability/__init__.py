@@ -9,6 +9,8 @@ __version__ = "0.1.0"
 from .arguments import StabilityArguments
 from .callback import PerturbationCallback
 from .errors import (
+    AnalysisDataError,
+    ArchitectureMismatchError,
     ChildDivergedError,
     HfStabilityError,
     MissingDataError,
@@ -24,6 +26,8 @@ from .run_directory import RunDirectory
 from .trainer import ButterflyResult, StabilityTrainer
 
 __all__ = [
+    "AnalysisDataError",
+    "ArchitectureMismatchError",
     "ButterflyResult",
     "ChildDivergedError",
     "HfStabilityError",

@@ -68,6 +68,13 @@ class StabilityArguments:
     keep_child_checkpoints: bool = field(
         default=False, metadata={"help": "Keep the children's intermediate checkpoints once they have finished."}
     )
+    analysis_train_samples: int = field(
+        default=2048,
+        metadata={"help": "Training examples saved in RUN/data/train for the analyzer's train-set barriers."},
+    )
+    analysis_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluation examples saved in RUN/data/eval (default: all)."}
+    )
     overwrite_run: bool = field(
         default=False,
         metadata={"help": "Delete a run of another configuration found in output_dir instead of refusing."},

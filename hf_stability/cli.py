@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -14,6 +15,7 @@ from .errors import HfStabilityError
 COMMANDS = {
     "demo": "Fine-tune the packaged MiniLM on tweet sentiment and run a small butterfly study (offline).",
     "train": "Run a butterfly study of a text classifier: TrainingArguments + StabilityArguments flags.",
+    "analyze": "Measure a run directory (L2, barriers, CKA, disagreement) -> RUN/analysis/report.json.",
 }
 
 
@@ -53,13 +55,60 @@ def _train(argv: Sequence[str]) -> int:
     return 0
 
 
+def _format_summary(report: dict) -> str:
+    header = f"{'spawn step':>10}  {'who':<9}  {'L2':>10}  {'loss barrier':>18}  {'error barrier':>18}  {'disagree':>9}"
+    lines = [header, "-" * len(header)]
+    for row in report["summary"]:
+        control = row["control"]
+        if control:
+            lines.append(
+                f"{row['spawn_step']:>10}  {'control':<9}  {control['l2']:>10.4g}  {control['loss_barrier_eval']:>18.4g}  "
+                f"{control['error_barrier_eval']:>18.4g}  {control['disagreement']:>9.4g}"
+            )
+        stats = row["children"]
+        if stats:
+            def cell(key: str, width: int) -> str:
+                s = stats[key]
+                return f"{s['mean']:.4g} +- {s['std']:.2g}".rjust(width) if s["mean"] is not None else "n/a".rjust(width)
+
+            lines.append(
+                f"{row['spawn_step']:>10}  {'children':<9}  {cell('l2', 10)}  {cell('loss_barrier_eval', 18)}  "
+                f"{cell('error_barrier_eval', 18)}  {cell('disagreement', 9)}"
+            )
+    return "\n".join(lines)
+
+
+def _analyze(argv: Sequence[str]) -> int:
+    from accelerate import Accelerator
+
+    from .analysis import AnalyzeArguments, analyze_run
+
+    if not argv or argv[0].startswith("-"):
+        print("usage: hf-stability analyze RUN_DIR [--eval_samples N] [--train_samples N] [--pairs parent-child|"
+              "child-child|all] [--alphas 11] [--batch_size 64] [--pooling cls|mean|all] [--autocast none|bf16|fp16] "
+              "[--cpu]", file=sys.stderr)
+        return 2
+    run_dir, rest = argv[0], argv[1:]
+    (args,) = HfArgumentParser(AnalyzeArguments, prog="hf-stability analyze").parse_args_into_dataclasses(list(rest))
+    accelerator = Accelerator(cpu=args.cpu)
+    try:
+        report = analyze_run(run_dir, args, accelerator)
+    finally:
+        accelerator.end_training()
+    if accelerator.is_main_process:
+        print()
+        print(_format_summary(report))
+        print(f"\nReport: {(Path(run_dir) / 'analysis' / 'report.json').resolve()}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    handlers = {"demo": _demo, "train": _train}
+    handlers = {"demo": _demo, "train": _train, "analyze": _analyze}
     if command not in handlers:
         print(f"hf-stability: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2

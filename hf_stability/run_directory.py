@@ -8,6 +8,8 @@ RUN/children/t<t>/c<k>/final/          the same for child k of spawn step t (k=0
 RUN/children/t<t>/c<k>/perturbation.json
 RUN/children/t<t>/c<k>/divergence.jsonl
 RUN/children/t<t>/c<k>/diverged.json   only for a child whose loss or weights became NaN/Inf
+RUN/data/train, RUN/data/eval          model inputs for the analyzer (datasets.save_to_disk)
+RUN/analysis/report.json               written by the analyzer
 ```
 A folder named ``final`` appears in one rename once everything in it is written, so its
 presence means the run finished.
@@ -101,6 +103,14 @@ class RunDirectory:
         return self.parent_dir / "final"
 
     @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def analysis_dir(self) -> Path:
+        return self.root / "analysis"
+
+    @property
     def initial_weights(self) -> Path:
         return self.parent_dir / "initial" / "model.safetensors"
 
@@ -169,7 +179,7 @@ class RunDirectory:
         """Write ``stability_config.json``, or check that the run found here has the same
         configuration (resume). A run of another configuration is refused unless ``overwrite``."""
         self.root.mkdir(parents=True, exist_ok=True)
-        owned = [self.config_file, self.parent_dir, self.root / "children", self.root / "analysis"]
+        owned = [self.config_file, self.parent_dir, self.root / "children", self.analysis_dir, self.data_dir]
         if self.config_file.is_file():
             try:
                 old = json.loads(self.config_file.read_text(encoding="utf-8"))

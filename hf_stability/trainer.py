@@ -45,7 +45,10 @@ _NON_IDENTITY_ARGS = {
     "resume_from_checkpoint", "skip_memory_metrics", "include_num_input_tokens_seen", "project", "trackio_space_id",
     "log_level", "log_level_replica", "log_on_each_node", "do_train", "do_eval", "do_predict",
 }
-_NON_IDENTITY_STABILITY = {"overwrite_run", "keep_parent_trajectory", "keep_child_checkpoints", "divergence_every"}
+_NON_IDENTITY_STABILITY = {
+    "overwrite_run", "keep_parent_trajectory", "keep_child_checkpoints", "divergence_every",
+    "analysis_train_samples", "analysis_eval_samples",
+}
 
 
 def _library_versions() -> dict[str, str]:
@@ -165,6 +168,7 @@ class StabilityTrainer(Trainer):
         run = RunDirectory(self.args.output_dir)
         if self.is_world_process_zero():
             run.prepare(self._run_config(max_steps), overwrite=sargs.overwrite_run)
+            self._save_analysis_data(run)
         self.accelerator.wait_for_everyone()
 
         saved = (self.args.output_dir, self.args.save_total_limit)
@@ -188,6 +192,33 @@ class StabilityTrainer(Trainer):
         return ButterflyResult(
             run_dir=run.root, max_steps=max_steps, parent_metrics=run.parent_metrics(), children=run.summary()
         )
+
+    def _save_analysis_data(self, run: RunDirectory) -> None:
+        """Save the model inputs of a training subset and the evaluation set in RUN/data, so that
+        the run can be analysed on another machine without the code that built the data."""
+        import datasets
+        from transformers import DataCollatorWithPadding
+
+        from .atomic_io import atomic_directory
+
+        sargs = self.stability_args
+        wanted = {"train": (self.train_dataset, sargs.analysis_train_samples), "eval": (self.eval_dataset, sargs.analysis_eval_samples)}
+        for split, (dataset, limit) in wanted.items():
+            target = run.data_dir / split
+            if target.is_dir() or dataset is None:
+                continue
+            if not isinstance(dataset, datasets.Dataset):
+                logger.info("The %s dataset is not a datasets.Dataset: pass data to the analyzer yourself.", split)
+                continue
+            dataset = self._remove_unused_columns(dataset, description=split)
+            count = len(dataset) if limit is None else min(limit, len(dataset))
+            subset = dataset.select(range(count))
+            if subset.format.get("type") == "custom":  # an on-the-fly transform: store what it returns
+                subset = datasets.Dataset.from_list([subset[i] for i in range(count)])
+            with atomic_directory(target) as tmp:
+                subset.save_to_disk(str(tmp))
+        collator = "padding" if isinstance(self.data_collator, DataCollatorWithPadding) else "default"
+        write_json(run.data_dir / "collator.json", {"collator": collator})
 
     def _check_butterfly_arguments(self) -> None:
         if self._user_optimizer:

@@ -1,0 +1,123 @@
+"""Loss and error barriers along the linear path between two models."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .evaluation import EvalData, EvalSums, Evaluator
+from .interpolation import Interpolator, default_alphas
+
+BUILTIN_METRICS = ("loss", "error")
+
+
+@dataclass
+class BarrierResult:
+    """``values[i]`` is the metric (lower is better) at ``alphas[i]``;
+    ``barrier = max_i values[i] - ((1 - alphas[i]) endpoint_a + alphas[i] endpoint_b)``."""
+
+    metric: str
+    alphas: list[float]
+    values: list[float]
+    endpoint_a: float
+    endpoint_b: float
+    barrier: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def barrier_from_values(alphas: Sequence[float], values: Sequence[float]) -> float:
+    """The barrier of a metric measured along the path; endpoints are the first and last values."""
+    first, last = values[0], values[-1]
+    return max(v - ((1.0 - a) * first + a * last) for a, v in zip(alphas, values))
+
+
+def _as_alphas(alphas: int | Sequence[float]) -> list[float]:
+    points = default_alphas(alphas) if isinstance(alphas, int) else [float(a) for a in alphas]
+    if points[0] != 0.0 or points[-1] != 1.0 or sorted(points) != points:
+        raise ValueError(f"alphas must increase from 0 to 1, got {points}.")
+    return points
+
+
+def _metric_value(metric: Any, sums: EvalSums) -> float:
+    """Lower-is-better value of a metric: loss, error, or 1 - value of an evaluate metric."""
+    if metric == "loss":
+        return sums.loss
+    if metric == "error":
+        return sums.error
+    result = metric.compute(predictions=sums.predictions, references=sums.references)
+    value = float(next(iter(result.values())))
+    return 1.0 - value
+
+
+def _metric_name(metric: Any) -> str:
+    return metric if isinstance(metric, str) else getattr(metric, "name", type(metric).__name__)
+
+
+def _resolve_metrics(metrics: Sequence[Any]) -> list[Any]:
+    from ..metrics import load_metric
+
+    return [m if not isinstance(m, str) or m in BUILTIN_METRICS else load_metric(m) for m in metrics]
+
+
+def barriers(
+    a: nn.Module,
+    b: nn.Module,
+    data: EvalData,
+    metrics: Sequence[Any] = BUILTIN_METRICS,
+    alphas: int | Sequence[float] = 11,
+    evaluator: Evaluator | None = None,
+    endpoints: tuple[EvalSums | None, EvalSums | None] = (None, None),
+) -> dict[str, BarrierResult]:
+    """Barriers of several metrics from one pass per interpolation point.
+
+    ``endpoints`` may hold already computed sums of ``a`` and ``b`` on ``data`` (the analyzer
+    evaluates the parent once for all its children).
+    """
+    evaluator = evaluator or Evaluator()
+    metrics = _resolve_metrics(metrics)
+    points = _as_alphas(alphas)
+    keep = any(not isinstance(m, str) for m in metrics)
+    interpolator = Interpolator(a, b)
+    sums: list[EvalSums] = []
+    for i, alpha in enumerate(tqdm(points, desc=f"barrier on {data.name}", disable=not evaluator.progress, leave=False)):
+        cached = endpoints[0] if i == 0 else endpoints[1] if i == len(points) - 1 else None
+        if cached is not None and (not keep or cached.predictions is not None):
+            sums.append(cached)
+            continue
+        sums.append(evaluator.evaluate(interpolator.set_alpha(alpha), data, keep_predictions=keep))
+    results = {}
+    for metric in metrics:
+        values = [_metric_value(metric, s) for s in sums]
+        results[_metric_name(metric)] = BarrierResult(
+            metric=_metric_name(metric),
+            alphas=points,
+            values=values,
+            endpoint_a=values[0],
+            endpoint_b=values[-1],
+            barrier=barrier_from_values(points, values),
+        )
+    return results
+
+
+def barrier(
+    a: nn.Module,
+    b: nn.Module,
+    data: Any,
+    metric: Any = "loss",
+    alphas: int | Sequence[float] = 11,
+    *,
+    batch_size: int = 64,
+    collate_fn: Any = None,
+    evaluator: Evaluator | None = None,
+) -> BarrierResult:
+    """The barrier of ``metric`` ("loss", "error", a shipped metric name or an evaluate module)
+    between ``a`` and ``b`` on ``data`` (a dataset of labelled feature dicts, or ``EvalData``)."""
+    if not isinstance(data, EvalData):
+        data = EvalData(data, batch_size=batch_size, collate_fn=collate_fn)
+    return next(iter(barriers(a, b, data, [metric], alphas, evaluator).values()))

@@ -1,0 +1,215 @@
+"""analyze_run: every measure for every child of a run directory -> analysis/report.json.
+
+Runs in one process or under ``accelerate launch`` (evaluation batches sharded, sums reduced,
+only the main process writes). The report's schema is documented in docs/report_schema.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..atomic_io import write_json
+from ..errors import AnalysisDataError
+from ..run_directory import RunDirectory
+from .barrier import barriers
+from .distance import l2_distance
+from .evaluation import EvalData, EvalSums, Evaluator
+from .loading import load_final_model, load_run_data, run_collator
+from .representations import POOLINGS, compare_representations
+
+logger = logging.getLogger(__name__)
+
+REPORT_SCHEMA_VERSION = 1
+PAIRS = ("parent-child", "child-child", "all")
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class AnalyzeArguments:
+    """Options of ``hf-stability analyze RUN_DIR``."""
+
+    eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N saved eval examples."})
+    train_samples: int = field(default=512, metadata={"help": "Train-subset size for the train-set barriers (0: skip)."})
+    pairs: str = field(default="parent-child", metadata={"help": f"Which pairs: {' | '.join(PAIRS)}."})
+    alphas: int = field(default=11, metadata={"help": "Interpolation points in [0, 1]."})
+    batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per process."})
+    pooling: str = field(default="cls", metadata={"help": f"Token pooling for CKA: {' | '.join(POOLINGS)}."})
+    autocast: str = field(default="none", metadata={"help": "Evaluate under autocast: none | bf16 | fp16."})
+    cpu: bool = field(default=False, metadata={"help": "Evaluate on the CPU even when a GPU is present."})
+
+    def __post_init__(self) -> None:
+        if self.pairs not in PAIRS:
+            raise AnalysisDataError(f"Unknown pairs {self.pairs!r}: choose one of {', '.join(PAIRS)}.")
+        if self.autocast not in AUTOCAST:
+            raise AnalysisDataError(f"Unknown autocast {self.autocast!r}: choose one of {', '.join(AUTOCAST)}.")
+        if self.pooling not in POOLINGS:
+            raise AnalysisDataError(f"Unknown pooling {self.pooling!r}: choose one of {', '.join(POOLINGS)}.")
+        if self.alphas < 2:
+            raise AnalysisDataError(f"alphas must be >= 2, got {self.alphas}.")
+        if self.train_samples < 0 or (self.eval_samples is not None and self.eval_samples < 1):
+            raise AnalysisDataError("train_samples must be >= 0 and eval_samples >= 1.")
+
+
+def _mean_std(values: list[float]) -> dict[str, Any]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(finite), "std": statistics.pstdev(finite) if len(finite) > 1 else 0.0, "n": len(finite)}
+
+
+def _scalars(pair: dict[str, Any]) -> dict[str, float | None]:
+    out = {"l2": pair["l2"]["l2"], "relative_l2": pair["l2"]["relative"], "amplification": pair.get("amplification")}
+    for split, metrics in pair["barriers"].items():
+        for metric, result in metrics.items():
+            out[f"{metric}_barrier_{split}"] = result["barrier"]
+    out["disagreement"] = pair["disagreement"]
+    defined = [v for v in pair["cka"]["values"] if v is not None]
+    out["cka_mean"] = statistics.fmean(defined) if defined else None
+    return out
+
+
+def analyze_run(
+    run_dir: str | Path,
+    args: AnalyzeArguments | None = None,
+    accelerator: Any = None,
+    eval_data: Any = None,
+    train_data: Any = None,
+    collate_fn: Any = None,
+) -> dict[str, Any]:
+    """Measure every finished child of ``run_dir`` against its parent (and/or its siblings) and
+    write ``analysis/report.json`` (main process). Returns the report."""
+    args = args or AnalyzeArguments()
+    run = RunDirectory(run_dir)
+    config = run.load_config()
+    evaluator = Evaluator(accelerator=accelerator, device="cpu" if args.cpu else None, autocast_dtype=AUTOCAST[args.autocast])
+    collate = collate_fn or run_collator(run)
+    eval_dataset = eval_data if eval_data is not None else load_run_data(run, "eval")
+    if args.eval_samples is not None:
+        eval_dataset = eval_dataset.select(range(min(args.eval_samples, len(eval_dataset))))
+    splits = {"eval": EvalData(eval_dataset, batch_size=args.batch_size, collate_fn=collate, name="eval")}
+    if args.train_samples > 0:
+        train_dataset = train_data if train_data is not None else load_run_data(run, "train")
+        train_dataset = train_dataset.select(range(min(args.train_samples, len(train_dataset))))
+        splits["train"] = EvalData(train_dataset, batch_size=args.batch_size, collate_fn=collate, name="train")
+
+    parent = load_final_model(run.parent_final)
+    cache: dict[tuple[str, str], EvalSums] = {}
+
+    def sums_of(name: str, model: torch.nn.Module, split: str) -> EvalSums:
+        if (name, split) not in cache:
+            cache[(name, split)] = evaluator.evaluate(model, splits[split])
+        return cache[(name, split)]
+
+    def measure(name_a: str, a: torch.nn.Module, name_b: str, b: torch.nn.Module) -> dict[str, Any]:
+        result: dict[str, Any] = {"a": name_a, "b": name_b}
+        distance = l2_distance(a, b, per_layer=True)
+        result["l2"] = {"l2": distance.l2, "relative": distance.relative, "per_layer": distance.per_layer}
+        result["barriers"] = {}
+        for split, data in splits.items():
+            found = barriers(
+                a, b, data, ("loss", "error"), args.alphas, evaluator,
+                endpoints=(sums_of(name_a, a, split), sums_of(name_b, b, split)),
+            )
+            result["barriers"][split] = {metric: r.to_dict() for metric, r in found.items()}
+        representation = compare_representations(a, b, splits["eval"], args.pooling, evaluator)
+        values = [v if math.isfinite(v) else None for v in representation.cka]  # None: undefined (no variance)
+        result["cka"] = {"pooling": args.pooling, "layers": representation.layers, "values": values}
+        result["disagreement"] = representation.disagreement
+        return result
+
+    stability = config["stability_arguments"]
+    control = 0 if stability.get("control_child") else None
+    pairs: list[dict[str, Any]] = []
+    diverged: list[dict[str, Any]] = []
+    for t in config["spawn_steps"]:
+        children: dict[int, torch.nn.Module] = {}
+        for k in config["children"]:
+            status = run.child_status(t, k)
+            if status == "diverged":
+                info = json.loads((run.child_dir(t, k) / "diverged.json").read_text(encoding="utf-8"))
+                diverged.append({"spawn_step": t, "child": k, **info})
+            elif status == "done":
+                children[k] = load_final_model(run.child_final(t, k))
+            else:
+                logger.warning("Child %d of spawn step %d has not finished; it is left out.", k, t)
+        jobs: list[tuple[str, int | None, int]] = []
+        if args.pairs in ("parent-child", "all"):
+            jobs += [("parent-child", None, k) for k in children]
+        if args.pairs in ("child-child", "all"):
+            perturbed = [k for k in children if k != control]
+            jobs += [("child-child", i, j) for i, j in itertools.combinations(perturbed, 2)]
+        for kind, i, j in jobs:
+            name_a = "parent" if i is None else f"t{t}/c{i}"
+            model_a = parent if i is None else children[i]
+            pair = measure(name_a, model_a, f"t{t}/c{j}", children[j])
+            record_file = run.child_dir(t, j) / "perturbation.json"
+            record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
+            perturbation_l2 = record.get("change_l2") or 0.0
+            pair.update(
+                spawn_step=t,
+                kind=kind,
+                child=j,
+                is_control=(j == control) and kind == "parent-child",
+                perturbation_l2=perturbation_l2,
+                amplification=pair["l2"]["l2"] / perturbation_l2 if kind == "parent-child" and perturbation_l2 > 0 else None,
+            )
+            pairs.append(pair)
+
+    summary = []
+    for t in config["spawn_steps"]:
+        mine = [p for p in pairs if p["spawn_step"] == t and p["kind"] == "parent-child"]
+        controls = [_scalars(p) for p in mine if p["is_control"]]
+        perturbed = [_scalars(p) for p in mine if not p["is_control"]]
+        keys = list(perturbed[0]) if perturbed else []
+        summary.append(
+            {
+                "spawn_step": t,
+                "num_children": len(perturbed),
+                "control": controls[0] if controls else None,
+                "children": {key: _mean_std([row[key] for row in perturbed]) for key in keys},
+            }
+        )
+
+    report = {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "generated_by": f"hf_stability {__version__}",
+        "run": {
+            "fingerprint": config.get("fingerprint"),
+            "max_steps": config["max_steps"],
+            "spawn_steps": config["spawn_steps"],
+            "children": config["children"],
+            "control_child": control,
+            "perturbations": config["perturbations"],
+            "model": config.get("identity", {}).get("model", {}).get("class"),
+        },
+        "settings": {
+            "alphas": args.alphas,
+            "train_samples": len(splits["train"]) if "train" in splits else 0,
+            "eval_samples": len(splits["eval"]),
+            "pairs": args.pairs,
+            "pooling": args.pooling,
+            "batch_size": args.batch_size,
+            "autocast": args.autocast,
+            "num_processes": evaluator.num_processes,
+        },
+        "parent": {split: {"loss": sums_of("parent", parent, split).loss, "error": sums_of("parent", parent, split).error}
+                   for split in splits},
+        "pairs": pairs,
+        "diverged": diverged,
+        "summary": summary,
+    }
+    if evaluator.is_main_process:
+        write_json(run.analysis_dir / "report.json", report)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return report

@@ -1,0 +1,263 @@
+"""hf_stability.analysis: exact measures, 1 and 2 processes alike, clear errors."""
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import tiny_bert, training_args, tweets
+from hf_stability import ArchitectureMismatchError, StabilityArguments, StabilityTrainer
+from hf_stability.analysis import (
+    AnalyzeArguments,
+    EvalData,
+    Interpolator,
+    analyze_run,
+    barrier,
+    disagreement,
+    interpolate,
+    l2_distance,
+    layerwise_cka,
+    linear_cka,
+)
+from hf_stability.errors import AnalysisDataError, RunDirectoryError
+from hf_stability.metrics import classification_metrics, load_metric
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def _toy_pair():
+    """Two 2-hidden-unit ReLU nets computing the same function with their hidden units swapped:
+    logits = (relu(x), relu(-x)). Halfway, every weight of the first layer is 0."""
+    def net(w1, w2):
+        model = nn.Sequential(nn.Linear(1, 2, bias=False), nn.ReLU(), nn.Linear(2, 2, bias=False))
+        with torch.no_grad():
+            model[0].weight.copy_(torch.tensor(w1))
+            model[2].weight.copy_(torch.tensor(w2))
+        return model
+
+    a = net([[1.0], [-1.0]], [[1.0, 0.0], [0.0, 1.0]])
+    b = net([[-1.0], [1.0]], [[0.0, 1.0], [1.0, 0.0]])
+    data = [{"input": torch.tensor([2.0]), "labels": 0}, {"input": torch.tensor([-2.0]), "labels": 1}]
+    return a, b, data
+
+
+def test_barrier_of_a_toy_pair_matches_the_hand_computation():
+    a, b, data = _toy_pair()
+    loss = barrier(a, b, data, "loss", alphas=11)
+    # margin along the path is 2 (1 - 2 alpha)^2 for both examples; CE = log(1 + exp(-margin))
+    expected = [math.log1p(math.exp(-2 * (1 - 2 * t) ** 2)) for t in loss.alphas]
+    assert loss.values == pytest.approx(expected, rel=1e-6)
+    assert loss.barrier == pytest.approx(math.log(2) - math.log1p(math.exp(-2)), rel=1e-6)
+    error = barrier(a, b, data, "error", alphas=11)
+    assert error.endpoint_a == error.endpoint_b == 0.0
+    assert error.barrier == 0.5  # at alpha = 0.5 both logits are 0 and argmax picks class 0
+    accuracy = barrier(a, b, data, load_metric("accuracy"), alphas=11)
+    assert accuracy.values == pytest.approx(error.values)
+
+
+@pytest.fixture(scope="module")
+def models_and_data():
+    train, test = tweets()
+    return tiny_bert(0), tiny_bert(1), EvalData(test, batch_size=16)
+
+
+def test_barrier_of_a_model_with_itself_is_zero(models_and_data):
+    a, _, data = models_and_data
+    for metric in ("loss", "error"):
+        assert barrier(a, a, data, metric).barrier == pytest.approx(0.0, abs=1e-12)
+
+
+def test_barrier_is_symmetric(models_and_data):
+    a, b, data = models_and_data
+    ab, ba = barrier(a, b, data, "loss"), barrier(b, a, data, "loss")
+    assert ab.barrier == pytest.approx(ba.barrier, rel=1e-5)
+    assert ab.values == pytest.approx(ba.values[::-1], rel=1e-5)
+
+
+def test_interpolation_is_exact_at_the_ends_and_linear_in_between(models_and_data):
+    a, b, _ = models_and_data
+    interpolator = Interpolator(a, b)
+    for alpha, reference in ((0.0, a), (1.0, b)):
+        model = interpolator.set_alpha(alpha)
+        assert all(torch.equal(p, reference.get_parameter(n)) for n, p in model.named_parameters())
+    middle = interpolate(a, b, 0.25)
+    name = "bert.encoder.layer.1.output.dense.weight"
+    expected = 0.75 * a.get_parameter(name) + 0.25 * b.get_parameter(name)
+    assert torch.allclose(middle.get_parameter(name), expected, atol=1e-7)
+
+
+def test_l2_equals_a_direct_torch_sum(models_and_data):
+    a, b, _ = models_and_data
+    result = l2_distance(a, b, per_layer=True)
+    with torch.no_grad():
+        direct = torch.sqrt(sum(((p.double() - b.get_parameter(n).double()) ** 2).sum() for n, p in a.named_parameters()))
+    assert result.l2 == pytest.approx(float(direct), rel=1e-12)
+    assert math.sqrt(sum(v**2 for v in result.per_layer.values())) == pytest.approx(result.l2, rel=1e-12)
+    assert set(result.per_layer) == {"bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1", "bert.pooler", "classifier"}
+    norms = [math.sqrt(sum(float((p.detach().double() ** 2).sum()) for p in m.parameters())) for m in (a, b)]
+    assert result.relative == pytest.approx(result.l2 / math.sqrt(norms[0] * norms[1]), rel=1e-12)
+
+
+def _hsic_cka(x, y):
+    """CKA through centred Gram matrices: an independent computation."""
+    n = x.shape[0]
+    h = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    k, m = h @ (x @ x.T) @ h, h @ (y @ y.T) @ h
+    return float((k * m).sum() / (torch.linalg.matrix_norm(k) * torch.linalg.matrix_norm(m)))
+
+
+def test_linear_cka_properties():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 12, generator=g, dtype=torch.float64)
+    y = torch.randn(60, 8, generator=g, dtype=torch.float64) + x[:, :8]
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert linear_cka(x, x @ q) == pytest.approx(1.0, abs=1e-12)
+    assert linear_cka(x, 3.7 * x) == pytest.approx(1.0, abs=1e-12)
+    assert linear_cka(x, y) == pytest.approx(_hsic_cka(x, y), rel=1e-10)
+    assert linear_cka(x @ q, 2.0 * y) == pytest.approx(linear_cka(x, y), rel=1e-10)
+    assert math.isnan(linear_cka(torch.ones(5, 3), torch.randn(5, 3, generator=g)))
+
+
+def test_layerwise_cka_of_a_model_with_itself_is_one(models_and_data):
+    a, b, data = models_and_data
+    for pooling in ("mean", "all"):
+        same = layerwise_cka(a, a, data, pooling)
+        assert same.layers == ["embeddings", "layer.0", "layer.1"]
+        assert same.cka == pytest.approx([1.0] * 3, abs=1e-9)
+    other = layerwise_cka(a, b, data, "cls")
+    assert math.isnan(other.cka[0])  # the [CLS] embedding is the same for every example
+    assert all(0.0 <= v <= 1.0 for v in other.cka[1:])
+
+
+def test_disagreement_counts_differing_argmax(models_and_data):
+    a, b, data = models_and_data
+    batches = [data.batch(i) for i in range(data.num_batches)]
+    with torch.no_grad():
+        differ = sum(
+            int((a(**{k: v for k, v in x.items() if k != "labels"}).logits.argmax(-1)
+                 != b(**{k: v for k, v in x.items() if k != "labels"}).logits.argmax(-1)).sum())
+            for x in batches
+        )
+    assert disagreement(a, b, data) == differ / len(data)
+    assert disagreement(a, a, data) == 0.0
+
+
+def test_models_of_different_architectures_are_refused_naming_the_tensor(models_and_data):
+    a, _, data = models_and_data
+    wider = tiny_bert(0, intermediate_size=48)
+    with pytest.raises(ArchitectureMismatchError, match=r"bert\.encoder\.layer\.0\.intermediate\.dense\.weight.*\(64, 32\).*\(48, 32\)"):
+        l2_distance(a, wider)
+    with pytest.raises(ArchitectureMismatchError, match="missing"):
+        barrier(a, tiny_bert(0, num_hidden_layers=3), data)
+
+
+def test_empty_or_unlabelled_data_is_refused(models_and_data):
+    a, _, data = models_and_data
+    with pytest.raises(AnalysisDataError, match="empty"):
+        barrier(a, a, data.dataset.select([]))
+    with pytest.raises(AnalysisDataError, match="no labels"):
+        barrier(a, a, data.dataset.remove_columns("label"))
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    train, test = tweets()
+    trainer = StabilityTrainer(
+        model_init=lambda: tiny_bert(0),
+        args=training_args(out, max_steps=8, learning_rate=3e-3),
+        train_dataset=train,
+        eval_dataset=test,
+        compute_metrics=classification_metrics(),
+        stability_args=StabilityArguments(spawn_steps=[0, 4], num_children=2, perturbation_scale=0.5, divergence_every=4),
+    )
+    trainer.butterfly()
+    return out
+
+
+def test_analyze_run_writes_a_report_with_every_child_and_the_floor(small_run):
+    report = analyze_run(small_run, AnalyzeArguments(train_samples=32, batch_size=16, pairs="all", cpu=True))
+    saved = json.loads((small_run / "analysis" / "report.json").read_text())
+    assert saved["schema_version"] == 1 and saved["settings"]["eval_samples"] == 64
+    kinds = [(p["spawn_step"], p["kind"], p["a"], p["b"]) for p in saved["pairs"]]
+    assert (0, "parent-child", "parent", "t0/c0") in kinds and (4, "child-child", "t4/c1", "t4/c2") in kinds
+    for pair in saved["pairs"]:
+        if pair["is_control"]:
+            assert pair["l2"]["l2"] == 0.0 and pair["disagreement"] == 0.0 and pair["amplification"] is None
+            assert pair["barriers"]["eval"]["loss"]["barrier"] == pytest.approx(0.0, abs=1e-12)
+        elif pair["kind"] == "parent-child":
+            assert pair["l2"]["l2"] > 0 and pair["amplification"] == pytest.approx(pair["l2"]["l2"] / pair["perturbation_l2"])
+    summary = {row["spawn_step"]: row for row in saved["summary"]}
+    assert summary[0]["num_children"] == 2 and summary[0]["control"]["l2"] == 0.0
+    l2s = [p["l2"]["l2"] for p in saved["pairs"] if p["spawn_step"] == 0 and p["kind"] == "parent-child" and not p["is_control"]]
+    assert summary[0]["children"]["l2"]["mean"] == pytest.approx(sum(l2s) / 2)
+    assert report["summary"] == saved["summary"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _floats(x, path=""):
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from _floats(v, f"{path}.{k}")
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _floats(v, f"{path}[{i}]")
+    elif isinstance(x, float):
+        yield path, x
+
+
+def test_two_processes_give_the_numbers_of_one(small_run, tmp_path):
+    one = analyze_run(small_run, AnalyzeArguments(train_samples=48, batch_size=16, pairs="all", pooling="mean", cpu=True))
+    copy = tmp_path / "run"
+    shutil.copytree(small_run, copy)
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), str(SCRIPTS / "analyze_two_processes.py"), str(copy)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads((copy / "analysis" / "report.json").read_text())
+    assert two["settings"]["num_processes"] == 2
+    a, b = dict(_floats(one["pairs"])), dict(_floats(two["pairs"]))
+    assert a.keys() == b.keys() and len(a) > 100
+    for key, value in a.items():
+        assert b[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+
+
+def test_missing_or_corrupt_weights_give_a_clear_error(small_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    weights = run / "children" / "t4" / "c1" / "final" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(RunDirectoryError, match="truncated or corrupt"):
+        analyze_run(run, AnalyzeArguments(train_samples=0, cpu=True))
+    weights.unlink()
+    with pytest.raises(RunDirectoryError, match="has no model.safetensors"):
+        analyze_run(run, AnalyzeArguments(train_samples=0, cpu=True))
+    with pytest.raises(RunDirectoryError, match="not a run directory"):
+        analyze_run(tmp_path / "nothing", AnalyzeArguments(cpu=True))
+
+
+def test_analyze_command_prints_the_summary_and_the_report_path(small_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    command = [sys.executable, "-m", "hf_stability.cli", "analyze", str(run), "--train_samples", "16", "--cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loss barrier" in result.stdout and "control" in result.stdout and " +- " in result.stdout
+    assert f"Report: {run / 'analysis' / 'report.json'}" in result.stdout
+    bad = subprocess.run(command[:5] + ["--pairs", "everything"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 1 and "Unknown pairs 'everything'" in bad.stderr
