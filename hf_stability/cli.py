@@ -55,6 +55,11 @@ def _train(argv: Sequence[str]) -> int:
     return 0
 
 
+def _cell(stat: dict, width: int) -> str:
+    text = f"{stat['mean']:.4g} +- {stat['std']:.2g}" if stat["mean"] is not None else "n/a"
+    return text.rjust(width)
+
+
 def _format_summary(report: dict) -> str:
     header = f"{'spawn step':>10}  {'who':<9}  {'L2':>10}  {'loss barrier':>18}  {'error barrier':>18}  {'disagree':>9}"
     lines = [header, "-" * len(header)]
@@ -67,13 +72,10 @@ def _format_summary(report: dict) -> str:
             )
         stats = row["children"]
         if stats:
-            def cell(key: str, width: int) -> str:
-                s = stats[key]
-                return f"{s['mean']:.4g} +- {s['std']:.2g}".rjust(width) if s["mean"] is not None else "n/a".rjust(width)
-
             lines.append(
-                f"{row['spawn_step']:>10}  {'children':<9}  {cell('l2', 10)}  {cell('loss_barrier_eval', 18)}  "
-                f"{cell('error_barrier_eval', 18)}  {cell('disagreement', 9)}"
+                f"{row['spawn_step']:>10}  {'children':<9}  {_cell(stats['l2'], 10)}  "
+                f"{_cell(stats['loss_barrier_eval'], 18)}  {_cell(stats['error_barrier_eval'], 18)}  "
+                f"{_cell(stats['disagreement'], 9)}"
             )
     return "\n".join(lines)
 

@@ -65,7 +65,7 @@ def test_barrier_of_a_toy_pair_matches_the_hand_computation():
 
 @pytest.fixture(scope="module")
 def models_and_data():
-    train, test = tweets()
+    _, test = tweets()
     return tiny_bert(0), tiny_bert(1), EvalData(test, batch_size=16)
 
 
@@ -261,3 +261,30 @@ def test_analyze_command_prints_the_summary_and_the_report_path(small_run, tmp_p
     assert f"Report: {run / 'analysis' / 'report.json'}" in result.stdout
     bad = subprocess.run(command[:5] + ["--pairs", "everything"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 1 and "Unknown pairs 'everything'" in bad.stderr
+
+
+def test_measures_work_for_a_transformers_vit_on_fashion_mnist():
+    import numpy as np
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from hf_stability.data import load_fashion_mnist
+
+    images = load_fashion_mnist(classes=[0, 1, 2, 3, 4], max_per_split=48)["test"]
+    data = [
+        {"pixel_values": torch.tensor(np.asarray(row["image"]), dtype=torch.float32).unsqueeze(0) / 255.0,
+         "labels": row["label"]}
+        for row in images
+    ]
+    config = ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=64, num_labels=5)
+    torch.manual_seed(0)
+    a = ViTForImageClassification(config)
+    torch.manual_seed(1)
+    b = ViTForImageClassification(config)
+    assert barrier(a, a, data, "loss", batch_size=16).barrier == pytest.approx(0.0, abs=1e-12)
+    ab = barrier(a, b, data, "error", batch_size=16)
+    assert 0.0 <= ab.barrier <= 1.0 and len(ab.values) == 11
+    same = layerwise_cka(a, a, data, "cls", batch_size=16)
+    assert same.layers == ["embeddings", "layer.0", "layer.1"] and same.cka[1:] == pytest.approx([1.0, 1.0], abs=1e-9)
+    assert disagreement(a, a, data) == 0.0
+    assert "vit.layers.0" in l2_distance(a, b, per_layer=True).per_layer

@@ -21,7 +21,6 @@ from .representations import RepresentationResult, compare_representations, disa
 
 __all__ = [
     "AnalyzeArguments",
-    "analyze_run",
     "BarrierResult",
     "EvalData",
     "EvalSums",
@@ -29,6 +28,7 @@ __all__ = [
     "Interpolator",
     "L2Result",
     "RepresentationResult",
+    "analyze_run",
     "barrier",
     "barrier_from_values",
     "barriers",

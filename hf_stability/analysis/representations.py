@@ -148,7 +148,8 @@ def compare_representations(
 
 def layerwise_cka(a: nn.Module, b: nn.Module, data: Any, pooling: str = "cls", *, batch_size: int = 64,
                   collate_fn: Any = None, evaluator: Evaluator | None = None) -> RepresentationResult:
-    """Linear CKA of every layer's representation of ``a`` and ``b`` (pooling: cls | mean | all)."""
+    """Linear CKA of every layer's representation of ``a`` and ``b`` (pooling: cls | mean | all).
+    The models are put in eval mode on the evaluator's device."""
     if not isinstance(data, EvalData):
         data = EvalData(data, batch_size=batch_size, collate_fn=collate_fn)
     return compare_representations(a, b, data, pooling, evaluator)
@@ -157,7 +158,8 @@ def layerwise_cka(a: nn.Module, b: nn.Module, data: Any, pooling: str = "cls", *
 @torch.inference_mode()
 def disagreement(a: nn.Module, b: nn.Module, data: Any, *, batch_size: int = 64, collate_fn: Any = None,
                  evaluator: Evaluator | None = None) -> float:
-    """Fraction of examples on which the argmax predictions of ``a`` and ``b`` differ."""
+    """Fraction of examples on which the argmax predictions of ``a`` and ``b`` differ.
+    The models are put in eval mode on the evaluator's device."""
     if not isinstance(data, EvalData):
         data = EvalData(data, batch_size=batch_size, collate_fn=collate_fn)
     evaluator = evaluator or Evaluator()

@@ -38,7 +38,10 @@ AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class AnalyzeArguments:
     """Options of ``hf-stability analyze RUN_DIR``."""
 
-    eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N saved eval examples."})
+    eval_split: str = field(
+        default="eval", metadata={"help": "Saved split (RUN/data/<split>) used for eval barriers, CKA and disagreement."}
+    )
+    eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N examples of eval_split."})
     train_samples: int = field(default=512, metadata={"help": "Train-subset size for the train-set barriers (0: skip)."})
     pairs: str = field(default="parent-child", metadata={"help": f"Which pairs: {' | '.join(PAIRS)}."})
     alphas: int = field(default=11, metadata={"help": "Interpolation points in [0, 1]."})
@@ -93,7 +96,7 @@ def analyze_run(
     config = run.load_config()
     evaluator = Evaluator(accelerator=accelerator, device="cpu" if args.cpu else None, autocast_dtype=AUTOCAST[args.autocast])
     collate = collate_fn or run_collator(run)
-    eval_dataset = eval_data if eval_data is not None else load_run_data(run, "eval")
+    eval_dataset = eval_data if eval_data is not None else load_run_data(run, args.eval_split)
     if args.eval_samples is not None:
         eval_dataset = eval_dataset.select(range(min(args.eval_samples, len(eval_dataset))))
     splits = {"eval": EvalData(eval_dataset, batch_size=args.batch_size, collate_fn=collate, name="eval")}
@@ -195,6 +198,7 @@ def analyze_run(
         "settings": {
             "alphas": args.alphas,
             "train_samples": len(splits["train"]) if "train" in splits else 0,
+            "eval_split": args.eval_split if eval_data is None else "given",
             "eval_samples": len(splits["eval"]),
             "pairs": args.pairs,
             "pooling": args.pooling,
