@@ -4,16 +4,15 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port, tiny_bert, training_args, tweets
 from torch import nn
 
-from helpers import tiny_bert, training_args, tweets
 from hf_stability import ArchitectureMismatchError, StabilityArguments, StabilityTrainer
 from hf_stability.analysis import (
     AnalyzeArguments,
@@ -203,12 +202,6 @@ def test_analyze_run_writes_a_report_with_every_child_and_the_floor(small_run):
     assert report["summary"] == saved["summary"]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _floats(x, path=""):
     if isinstance(x, dict):
         for k, v in x.items():
@@ -226,7 +219,7 @@ def test_two_processes_give_the_numbers_of_one(small_run, tmp_path):
     shutil.copytree(small_run, copy)
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(SCRIPTS / "analyze_two_processes.py"), str(copy)]
+               "--master_port", str(free_port()), str(SCRIPTS / "analyze_two_processes.py"), str(copy)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     two = json.loads((copy / "analysis" / "report.json").read_text())

@@ -2,14 +2,13 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import model_state, tiny_bert, training_args, tweets
+from helpers import free_port, model_state, tiny_bert, training_args, tweets
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 
@@ -91,18 +90,12 @@ def test_step_at_or_beyond_training_is_refused(tmp_path):
         _train(tmp_path, [PerturbationCallback(PerturbationConfig(scale=0.01), at_step=6)], max_steps=6)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("kind", ["gaussian", "batch"])
 def test_every_rank_applies_the_identical_perturbation(tmp_path, kind):
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         str(SCRIPTS / "ddp_perturbation.py"), str(tmp_path), kind,
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

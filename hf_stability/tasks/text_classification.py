@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from datasets import DatasetDict
+from datasets import DatasetDict, load_dataset
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments
 from transformers import set_seed as hf_set_seed
 
@@ -43,7 +43,7 @@ class TextClassificationArguments:
 
 def load_text_splits(args: TextClassificationArguments) -> DatasetDict:
     loader = OFFLINE_DATASETS.get(args.dataset)
-    splits = loader() if loader is not None else load_tweet_sentiment(dataset_name=args.dataset)
+    splits = loader() if loader is not None else load_dataset(args.dataset)  # a Hub name or a local folder
     for split in ("train", args.eval_split):
         if split not in splits:
             raise HfStabilityError(f"Dataset {args.dataset!r} has no {split!r} split (it has {list(splits)}).")
