@@ -166,10 +166,16 @@ class StabilityTrainer(Trainer):
                 f"one step to train. Choose spawn steps in [0, {max_steps - 1}] or train longer."
             )
         run = RunDirectory(self.args.output_dir)
+        failure: HfStabilityError | None = None
         if self.is_world_process_zero():
-            run.prepare(self._run_config(max_steps), overwrite=sargs.overwrite_run)
-            self._save_analysis_data(run)
-        self.accelerator.wait_for_everyone()
+            try:
+                run.prepare(self._run_config(max_steps), overwrite=sargs.overwrite_run)
+                self._save_analysis_data(run)
+            except HfStabilityError as err:
+                failure = err
+        failure = self._broadcast_object(failure)  # every rank stops, not only rank 0
+        if failure is not None:
+            raise failure
 
         saved = (self.args.output_dir, self.args.save_total_limit)
         jobs = [(t, k) for t in sargs.spawn_steps for k in sargs.child_indices()]
@@ -411,11 +417,16 @@ class StabilityTrainer(Trainer):
                 p.copy_(f.get_tensor(name))
 
     def _broadcast_path(self, path: Path | None) -> Path | None:
-        """Rank 0's decision, shared with every rank."""
+        """Rank 0's choice of a checkpoint, shared with every rank."""
+        shared = self._broadcast_object(str(path) if path is not None else None)
+        return Path(shared) if shared is not None else None
+
+    def _broadcast_object(self, value: Any) -> Any:
+        """Rank 0's value (picklable, made by hf_stability itself), shared with every rank."""
         if self.args.world_size <= 1:
-            return path
+            return value
         from accelerate.utils import broadcast_object_list
 
-        box = [str(path) if path is not None else None]
+        box = [value]
         broadcast_object_list(box, from_process=0)
-        return Path(box[0]) if box[0] is not None else None
+        return box[0]
