@@ -18,7 +18,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from .arguments import StabilityArguments
-from .atomic_io import save_tensors, write_json
+from .atomic_io import atomic_directory, save_tensors, write_json
 from .callback import PerturbationCallback
 from .divergence import DivergenceCallback, ParentTrajectoryCallback, divergence_steps, named_floating_parameters
 from .errors import ChildDivergedError, HfStabilityError, RunDirectoryError, SpawnStepError
@@ -129,7 +129,7 @@ class StabilityTrainer(Trainer):
                                    train_dataset=train, eval_dataset=test,
                                    stability_args=StabilityArguments(spawn_steps=[0, 50, 150]))
         result = trainer.butterfly()
-        print(result.format_table())
+        table = result.format_table()  # spawn step, child, final L2 to parent, eval accuracy
     """
 
     def __init__(self, *args: Any, stability_args: StabilityArguments | None = None, **kwargs: Any):
@@ -204,8 +204,6 @@ class StabilityTrainer(Trainer):
         the run can be analysed on another machine without the code that built the data."""
         import datasets
         from transformers import DataCollatorWithPadding
-
-        from .atomic_io import atomic_directory
 
         sargs = self.stability_args
         wanted = {"train": (self.train_dataset, sargs.analysis_train_samples), "eval": (self.eval_dataset, sargs.analysis_eval_samples)}

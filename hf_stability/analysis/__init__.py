@@ -16,8 +16,8 @@ from .compare import check_same_architecture, layer_of
 from .distance import L2Result, l2_distance
 from .evaluation import EvalData, EvalSums, Evaluator
 from .interpolation import Interpolator, default_alphas, interpolate
-from .runner import AnalyzeArguments, analyze_run
 from .representations import RepresentationResult, compare_representations, disagreement, layerwise_cka, linear_cka
+from .runner import AnalyzeArguments, analyze_run
 
 __all__ = [
     "AnalyzeArguments",

@@ -8,7 +8,7 @@ the same numbers up to the order of a float64 sum.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,19 +145,14 @@ class Evaluator:
     def is_main_process(self) -> bool:
         return self.process_index == 0
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context of this evaluator (a no-op without autocast_dtype)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-    def reduce_sum(self, values: Sequence[float]) -> list[float]:
-        tensor = torch.tensor(list(values), dtype=torch.float64, device=self.device)
-        if self.num_processes > 1:
-            tensor = self.accelerator.reduce(tensor, reduction="sum")
-        return tensor.tolist()
 
     def gather(self, items: list[Any]) -> list[Any]:
         if self.num_processes <= 1:
@@ -166,11 +161,21 @@ class Evaluator:
 
         return gather_object(items)
 
-    def batches(self, data: EvalData, desc: str = "", show: bool = True) -> Iterator[tuple[int, dict[str, Any]]]:
-        """This process's batches, on its device."""
+    def ready(self, *models: nn.Module) -> None:
+        """Put the models in eval mode on this evaluator's device."""
+        for model in models:
+            model.eval()
+            model.to(self.device)
+
+    def batches(
+        self, data: EvalData, desc: str = "", show: bool = True
+    ) -> Iterator[tuple[int, dict[str, Any], torch.Tensor]]:
+        """This process's batches on its device, as (batch index, model inputs, labels)."""
         indices = data.shard(self.process_index, self.num_processes)
         for index in tqdm(indices, desc=desc, disable=not (self.progress and show), leave=False):
-            yield index, self._to_device(data.batch(index))
+            batch = self._to_device(data.batch(index))
+            labels = batch.pop("labels")
+            yield index, batch, labels
 
     @torch.inference_mode()
     def evaluate(self, model: nn.Module, data: EvalData, keep_predictions: bool = False, desc: str = "") -> EvalSums:
@@ -178,16 +183,12 @@ class Evaluator:
 
         Sums stay on the device (float64) until the end: one host synchronisation per call.
         """
-        model.eval()
-        model.to(self.device)
+        self.ready(model)
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct, count
         predictions: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        for index, batch in self.batches(data, desc, show=bool(desc)):
-            labels = batch.pop("labels")
-            with self._autocast():
-                logits = forward_logits(model, batch)
-            batch["labels"] = labels
-            logits = logits.float()
+        for index, inputs, labels in self.batches(data, desc, show=bool(desc)):
+            with self.autocast():
+                logits = forward_logits(model, inputs).float()
             predicted = logits.argmax(dim=-1)
             totals[0] += F.cross_entropy(logits, labels, reduction="sum").double()
             totals[1] += (predicted == labels).sum()

@@ -107,9 +107,7 @@ def compare_representations(
     if pooling not in POOLINGS:
         raise AnalysisDataError(f"Unknown pooling {pooling!r}: choose one of {', '.join(POOLINGS)}.")
     evaluator = evaluator or Evaluator()
-    for model in (a, b):
-        model.eval()
-        model.to(evaluator.device)
+    evaluator.ready(a, b)
     # the layer names and widths, from one example, so that every process holds sums of the same shapes
     probe = evaluator._to_device(_first_example(data))
     probe.pop("labels", None)
@@ -121,16 +119,14 @@ def compare_representations(
         + [torch.zeros((), dtype=f64, device=device)]
         for h in hidden
     ]
-    differ = count = 0.0
-    for _, batch in evaluator.batches(data, desc=f"CKA on {data.name}"):
-        labels = batch.pop("labels")
-        mask = batch.get("attention_mask")
-        with evaluator._autocast():
-            _, hidden_a, logits_a = layer_outputs(a, batch)
-            _, hidden_b, logits_b = layer_outputs(b, batch)
-        batch["labels"] = labels
-        differ += float((logits_a.argmax(-1) != logits_b.argmax(-1)).sum())
-        count += labels.numel()
+    counts = torch.zeros(2, dtype=f64, device=device)  # differing predictions, examples
+    for _, inputs, labels in evaluator.batches(data, desc=f"CKA on {data.name}"):
+        mask = inputs.get("attention_mask")
+        with evaluator.autocast():
+            _, hidden_a, logits_a = layer_outputs(a, inputs)
+            _, hidden_b, logits_b = layer_outputs(b, inputs)
+        counts[0] += (logits_a.argmax(-1) != logits_b.argmax(-1)).sum()
+        counts[1] += labels.numel()
         for terms, ha, hb in zip(sums, hidden_a, hidden_b):
             x, y = _pool(ha, mask, pooling).double(), _pool(hb, mask, pooling).double()
             terms[0] += x.T @ x
@@ -141,7 +137,8 @@ def compare_representations(
             terms[5] += x.shape[0]
     if evaluator.num_processes > 1:
         sums = [[evaluator.accelerator.reduce(t, reduction="sum") for t in terms] for terms in sums]
-    differ, count = evaluator.reduce_sum([differ, count])
+        counts = evaluator.accelerator.reduce(counts, reduction="sum")
+    differ, count = counts.tolist()
     ckas = [_centered_gram_norms(*terms[:5], terms[5]) for terms in sums]
     return RepresentationResult(pooling=pooling, layers=names, cka=ckas, disagreement=differ / count, count=int(count))
 
@@ -163,16 +160,13 @@ def disagreement(a: nn.Module, b: nn.Module, data: Any, *, batch_size: int = 64,
     if not isinstance(data, EvalData):
         data = EvalData(data, batch_size=batch_size, collate_fn=collate_fn)
     evaluator = evaluator or Evaluator()
-    for model in (a, b):
-        model.eval()
-        model.to(evaluator.device)
-    differ = count = 0.0
-    for _, batch in evaluator.batches(data, desc=f"disagreement on {data.name}"):
-        labels = batch.pop("labels")
-        with evaluator._autocast():
-            pa, pb = forward_logits(a, batch).argmax(-1), forward_logits(b, batch).argmax(-1)
-        batch["labels"] = labels
-        differ += float((pa != pb).sum())
-        count += labels.numel()
-    differ, count = evaluator.reduce_sum([differ, count])
+    evaluator.ready(a, b)
+    counts = torch.zeros(2, dtype=torch.float64, device=evaluator.device)  # differing predictions, examples
+    for _, inputs, labels in evaluator.batches(data, desc=f"disagreement on {data.name}"):
+        with evaluator.autocast():
+            counts[0] += (forward_logits(a, inputs).argmax(-1) != forward_logits(b, inputs).argmax(-1)).sum()
+        counts[1] += labels.numel()
+    if evaluator.num_processes > 1:
+        counts = evaluator.accelerator.reduce(counts, reduction="sum")
+    differ, count = counts.tolist()
     return differ / count
