@@ -20,6 +20,7 @@ from .errors import (
     RunDirectoryError,
     SpawnStepError,
     UnknownInitScaleError,
+    UnsupportedArchitectureError,
 )
 from .perturb import PerturbationConfig, PerturbationRecord, perturb_model
 from .run_directory import RunDirectory
@@ -44,6 +45,7 @@ __all__ = [
     "StabilityArguments",
     "StabilityTrainer",
     "UnknownInitScaleError",
+    "UnsupportedArchitectureError",
     "__version__",
     "perturb_model",
 ]

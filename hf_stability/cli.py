@@ -55,28 +55,33 @@ def _train(argv: Sequence[str]) -> int:
     return 0
 
 
-def _cell(stat: dict, width: int) -> str:
-    text = f"{stat['mean']:.4g} +- {stat['std']:.2g}" if stat["mean"] is not None else "n/a"
+SUMMARY_COLUMNS = (
+    ("L2", "l2", 10),
+    ("L2 aligned", "aligned_l2", 10),
+    ("loss barrier", "loss_barrier_eval", 18),
+    ("aligned", "aligned_loss_barrier_eval", 18),
+    ("error barrier", "error_barrier_eval", 18),
+    ("disagree", "disagreement", 9),
+)
+
+
+def _cell(value, width: int) -> str:
+    """A control's number, or a children's {mean, std} cell; n/a where the report has none."""
+    if isinstance(value, dict):
+        text = f"{value['mean']:.4g} +- {value['std']:.2g}" if value.get("mean") is not None else "n/a"
+    else:
+        text = f"{value:.4g}" if value is not None else "n/a"
     return text.rjust(width)
 
 
 def _format_summary(report: dict) -> str:
-    header = f"{'spawn step':>10}  {'who':<9}  {'L2':>10}  {'loss barrier':>18}  {'error barrier':>18}  {'disagree':>9}"
+    header = f"{'spawn step':>10}  {'who':<9}  " + "  ".join(f"{title:>{width}}" for title, _, width in SUMMARY_COLUMNS)
     lines = [header, "-" * len(header)]
     for row in report["summary"]:
-        control = row["control"]
-        if control:
-            lines.append(
-                f"{row['spawn_step']:>10}  {'control':<9}  {control['l2']:>10.4g}  {control['loss_barrier_eval']:>18.4g}  "
-                f"{control['error_barrier_eval']:>18.4g}  {control['disagreement']:>9.4g}"
-            )
-        stats = row["children"]
-        if stats:
-            lines.append(
-                f"{row['spawn_step']:>10}  {'children':<9}  {_cell(stats['l2'], 10)}  "
-                f"{_cell(stats['loss_barrier_eval'], 18)}  {_cell(stats['error_barrier_eval'], 18)}  "
-                f"{_cell(stats['disagreement'], 9)}"
-            )
+        for who, values in (("control", row["control"]), ("children", row["children"])):
+            if values:
+                cells = "  ".join(_cell(values.get(key), width) for _, key, width in SUMMARY_COLUMNS)
+                lines.append(f"{row['spawn_step']:>10}  {who:<9}  {cells}")
     return "\n".join(lines)
 
 
@@ -88,7 +93,7 @@ def _analyze(argv: Sequence[str]) -> int:
     if not argv or argv[0].startswith("-"):
         print("usage: hf-stability analyze RUN_DIR [--eval_samples N] [--train_samples N] [--pairs parent-child|"
               "child-child|all] [--alphas 11] [--batch_size 64] [--pooling cls|mean|all] [--autocast none|bf16|fp16] "
-              "[--cpu]", file=sys.stderr)
+              "[--alignment weight|activation|none] [--cpu]", file=sys.stderr)
         return 2
     run_dir, rest = argv[0], argv[1:]
     (args,) = HfArgumentParser(AnalyzeArguments, prog="hf-stability analyze").parse_args_into_dataclasses(list(rest))

@@ -54,3 +54,7 @@ class ArchitectureMismatchError(HfStabilityError, ValueError):
 
 class AnalysisDataError(HfStabilityError, ValueError):
     """The data given to the analyzer cannot be evaluated (empty, no labels...)."""
+
+
+class UnsupportedArchitectureError(HfStabilityError, ValueError):
+    """Permutation alignment has no spec for this architecture (or this variant of it)."""

@@ -186,20 +186,50 @@ def small_run(tmp_path_factory):
 def test_analyze_run_writes_a_report_with_every_child_and_the_floor(small_run):
     report = analyze_run(small_run, AnalyzeArguments(train_samples=32, batch_size=16, pairs="all", cpu=True))
     saved = json.loads((small_run / "analysis" / "report.json").read_text())
-    assert saved["schema_version"] == 1 and saved["settings"]["eval_samples"] == 64
+    assert saved["schema_version"] == 2 and saved["settings"]["eval_samples"] == 64
+    assert saved["settings"]["alignment"]["method"] == "weight"
+    assert saved["settings"]["alignment"]["architecture"].startswith("BertForSequenceClassification")
     kinds = [(p["spawn_step"], p["kind"], p["a"], p["b"]) for p in saved["pairs"]]
     assert (0, "parent-child", "parent", "t0/c0") in kinds and (4, "child-child", "t4/c1", "t4/c2") in kinds
     for pair in saved["pairs"]:
+        aligned = pair["aligned"]
+        assert aligned["method"] == "weight" and aligned["converged"]
+        assert set(aligned["barriers"]) == {"eval", "train"} and set(aligned["barriers"]["eval"]) == {"loss", "error"}
+        # alignment can only bring b closer to a
+        assert aligned["l2"]["l2"] <= pair["l2"]["l2"] + 1e-9
         if pair["is_control"]:
             assert pair["l2"]["l2"] == 0.0 and pair["disagreement"] == 0.0 and pair["amplification"] is None
             assert pair["barriers"]["eval"]["loss"]["barrier"] == pytest.approx(0.0, abs=1e-12)
+            assert aligned["units_moved"] == 0 and aligned["l2"]["l2"] == 0.0
+            assert aligned["barriers"]["eval"]["loss"]["barrier"] == pytest.approx(0.0, abs=1e-12)
         elif pair["kind"] == "parent-child":
             assert pair["l2"]["l2"] > 0 and pair["amplification"] == pytest.approx(pair["l2"]["l2"] / pair["perturbation_l2"])
     summary = {row["spawn_step"]: row for row in saved["summary"]}
     assert summary[0]["num_children"] == 2 and summary[0]["control"]["l2"] == 0.0
+    assert summary[0]["control"]["aligned_loss_barrier_eval"] == pytest.approx(0.0, abs=1e-12)
+    assert summary[0]["children"]["aligned_l2"]["n"] == 2
     l2s = [p["l2"]["l2"] for p in saved["pairs"] if p["spawn_step"] == 0 and p["kind"] == "parent-child" and not p["is_control"]]
     assert summary[0]["children"]["l2"]["mean"] == pytest.approx(sum(l2s) / 2)
     assert report["summary"] == saved["summary"]
+
+
+def test_analyze_run_records_activation_matching_or_no_alignment(small_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    report = analyze_run(run, AnalyzeArguments(train_samples=32, batch_size=16, alignment="activation",
+                                               alignment_samples=24, cpu=True))
+    assert report["settings"]["alignment"] == {
+        "method": "activation", "seed": None, "samples": 24, "architecture": report["settings"]["alignment"]["architecture"]
+    }
+    for pair in report["pairs"]:
+        assert pair["aligned"]["method"] == "activation" and pair["aligned"]["iterations"] is None
+        if pair["is_control"]:  # identical models: every unit correlates best with itself
+            assert pair["aligned"]["units_moved"] == 0
+    plain = analyze_run(run, AnalyzeArguments(train_samples=0, batch_size=16, alignment="none", cpu=True))
+    assert all(pair["aligned"] is None for pair in plain["pairs"])
+    assert "aligned_l2" not in plain["summary"][0]["children"]
+    with pytest.raises(AnalysisDataError, match="Unknown alignment 'greedy'"):
+        AnalyzeArguments(alignment="greedy")
 
 
 def _floats(x, path=""):
@@ -225,8 +255,10 @@ def test_two_processes_give_the_numbers_of_one(small_run, tmp_path):
     two = json.loads((copy / "analysis" / "report.json").read_text())
     assert two["settings"]["num_processes"] == 2
     a, b = dict(_floats(one["pairs"])), dict(_floats(two["pairs"]))
-    assert a.keys() == b.keys() and len(a) > 100
+    assert a.keys() == b.keys() and len(a) > 100 and any(".aligned.barriers" in key for key in a)
     for key, value in a.items():
+        if key.endswith(".seconds"):  # wall time of the alignment
+            continue
         assert b[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
 
 

@@ -71,7 +71,8 @@ class EvalData:
     ``dataset`` is anything indexable that returns feature dicts (a ``datasets.Dataset``);
     ``collate_fn`` turns a list of them into a batch (default: transformers'
     ``default_data_collator``). Collated batches are cached, so evaluating many models or
-    interpolation points collates once.
+    interpolation points collates once. ``labelled=False`` admits data without labels (enough
+    for activation matching; barriers and disagreement need labels).
     """
 
     dataset: Any
@@ -79,13 +80,14 @@ class EvalData:
     collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
     name: str = "data"
     pin_memory: bool = field(default_factory=torch.cuda.is_available)
+    labelled: bool = True
     _cache: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.dataset is None or len(self.dataset) == 0:
             raise AnalysisDataError(f"The {self.name} dataset is empty: give at least one labelled example.")
         first = self.dataset[0]
-        if not any(key in first for key in LABEL_KEYS):
+        if self.labelled and not any(key in first for key in LABEL_KEYS):
             raise AnalysisDataError(
                 f"The {self.name} dataset has no labels (columns: {sorted(first)}): barriers, errors and "
                 "disagreement need a 'labels' or 'label' column."
@@ -169,12 +171,12 @@ class Evaluator:
 
     def batches(
         self, data: EvalData, desc: str = "", show: bool = True
-    ) -> Iterator[tuple[int, dict[str, Any], torch.Tensor]]:
-        """This process's batches on its device, as (batch index, model inputs, labels)."""
+    ) -> Iterator[tuple[int, dict[str, Any], torch.Tensor | None]]:
+        """This process's batches on its device, as (batch index, model inputs, labels or None)."""
         indices = data.shard(self.process_index, self.num_processes)
         for index in tqdm(indices, desc=desc, disable=not (self.progress and show), leave=False):
             batch = self._to_device(data.batch(index))
-            labels = batch.pop("labels")
+            labels = batch.pop("labels", None)
             yield index, batch, labels
 
     @torch.inference_mode()

@@ -21,6 +21,7 @@ from .. import __version__
 from ..atomic_io import write_json
 from ..errors import AnalysisDataError
 from ..run_directory import RunDirectory
+from .alignment import activation_matching, apply_permutation, permutation_spec, weight_matching
 from .barrier import barriers
 from .distance import l2_distance
 from .evaluation import EvalData, EvalSums, Evaluator
@@ -29,8 +30,9 @@ from .representations import POOLINGS, compare_representations
 
 logger = logging.getLogger(__name__)
 
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2
 PAIRS = ("parent-child", "child-child", "all")
+ALIGNMENTS = ("weight", "activation", "none")
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -48,6 +50,14 @@ class AnalyzeArguments:
     batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per process."})
     pooling: str = field(default="cls", metadata={"help": f"Token pooling for CKA: {' | '.join(POOLINGS)}."})
     autocast: str = field(default="none", metadata={"help": "Evaluate under autocast: none | bf16 | fp16."})
+    alignment: str = field(
+        default="weight",
+        metadata={"help": f"Permutation alignment before the aligned L2 and barriers: {' | '.join(ALIGNMENTS)}."},
+    )
+    alignment_seed: int = field(default=0, metadata={"help": "Seed of weight matching's order of groups."})
+    alignment_samples: int = field(
+        default=256, metadata={"help": "Examples for activation matching (from the train split, else eval_split)."}
+    )
     cpu: bool = field(default=False, metadata={"help": "Evaluate on the CPU even when a GPU is present."})
 
     def __post_init__(self) -> None:
@@ -55,6 +65,10 @@ class AnalyzeArguments:
             raise AnalysisDataError(f"Unknown pairs {self.pairs!r}: choose one of {', '.join(PAIRS)}.")
         if self.autocast not in AUTOCAST:
             raise AnalysisDataError(f"Unknown autocast {self.autocast!r}: choose one of {', '.join(AUTOCAST)}.")
+        if self.alignment not in ALIGNMENTS:
+            raise AnalysisDataError(f"Unknown alignment {self.alignment!r}: choose one of {', '.join(ALIGNMENTS)}.")
+        if self.alignment_samples < 1:
+            raise AnalysisDataError(f"alignment_samples must be >= 1, got {self.alignment_samples}.")
         if self.pooling not in POOLINGS:
             raise AnalysisDataError(f"Unknown pooling {self.pooling!r}: choose one of {', '.join(POOLINGS)}.")
         if self.alphas < 2:
@@ -75,10 +89,32 @@ def _scalars(pair: dict[str, Any]) -> dict[str, float | None]:
     for split, metrics in pair["barriers"].items():
         for metric, result in metrics.items():
             out[f"{metric}_barrier_{split}"] = result["barrier"]
+    aligned = pair.get("aligned")
+    if aligned:
+        out["aligned_l2"] = aligned["l2"]["l2"]
+        out["aligned_relative_l2"] = aligned["l2"]["relative"]
+        for split, metrics in aligned["barriers"].items():
+            for metric, result in metrics.items():
+                out[f"aligned_{metric}_barrier_{split}"] = result["barrier"]
     out["disagreement"] = pair["disagreement"]
     defined = [v for v in pair["cka"]["values"] if v is not None]
     out["cka_mean"] = statistics.fmean(defined) if defined else None
     return out
+
+
+def _first(dataset: Any, n: int) -> Any:
+    """The first ``n`` examples of a ``datasets.Dataset`` or of any sequence of feature dicts."""
+    n = min(n, len(dataset))
+    return dataset.select(range(n)) if hasattr(dataset, "select") else dataset[:n]
+
+
+def _from_main_process(value: Any, evaluator: Evaluator) -> Any:
+    """The main process's ``value`` on every process (so that all ranks align identically)."""
+    if evaluator.num_processes <= 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
 
 
 def analyze_run(
@@ -98,14 +134,20 @@ def analyze_run(
     collate = collate_fn or run_collator(run)
     eval_dataset = eval_data if eval_data is not None else load_run_data(run, args.eval_split)
     if args.eval_samples is not None:
-        eval_dataset = eval_dataset.select(range(min(args.eval_samples, len(eval_dataset))))
+        eval_dataset = _first(eval_dataset, args.eval_samples)
     splits = {"eval": EvalData(eval_dataset, batch_size=args.batch_size, collate_fn=collate, name="eval")}
     if args.train_samples > 0:
         train_dataset = train_data if train_data is not None else load_run_data(run, "train")
-        train_dataset = train_dataset.select(range(min(args.train_samples, len(train_dataset))))
+        train_dataset = _first(train_dataset, args.train_samples)
         splits["train"] = EvalData(train_dataset, batch_size=args.batch_size, collate_fn=collate, name="train")
 
     parent = load_final_model(run.parent_final)
+    spec = permutation_spec(parent) if args.alignment != "none" else None  # unsupported: stop before any work
+    alignment_data = None
+    if args.alignment == "activation":
+        source = splits.get("train", splits["eval"])
+        alignment_data = EvalData(_first(source.dataset, args.alignment_samples), batch_size=args.batch_size,
+                                  collate_fn=collate, name=f"alignment ({source.name})")
     cache: dict[tuple[str, str], EvalSums] = {}
 
     def sums_of(name: str, model: torch.nn.Module, split: str) -> EvalSums:
@@ -128,7 +170,29 @@ def analyze_run(
         values = [v if math.isfinite(v) else None for v in representation.cka]  # None: undefined (no variance)
         result["cka"] = {"pooling": args.pooling, "layers": representation.layers, "values": values}
         result["disagreement"] = representation.disagreement
+        result["aligned"] = align(name_a, a, name_b, b) if spec is not None else None
         return result
+
+    def align(name_a: str, a: torch.nn.Module, name_b: str, b: torch.nn.Module) -> dict[str, Any]:
+        """L2 and barriers after permuting b's hidden units to match a. The aligned b computes b's
+        function, so b's own sums serve as the far endpoint."""
+        if args.alignment == "weight":
+            match = weight_matching(a, b, spec, seed=args.alignment_seed, device=evaluator.device)
+        else:
+            match = activation_matching(a, b, spec, alignment_data, evaluator=evaluator)
+        match.permutation = _from_main_process(match.permutation, evaluator)
+        aligned_b = apply_permutation(b, match.permutation, spec)
+        distance = l2_distance(a, aligned_b, per_layer=True)
+        found = {
+            split: barriers(a, aligned_b, data, ("loss", "error"), args.alphas, evaluator,
+                            endpoints=(sums_of(name_a, a, split), sums_of(name_b, b, split)))
+            for split, data in splits.items()
+        }
+        return {
+            **match.to_dict(),
+            "l2": {"l2": distance.l2, "relative": distance.relative, "per_layer": distance.per_layer},
+            "barriers": {split: {m: r.to_dict() for m, r in results.items()} for split, results in found.items()},
+        }
 
     stability = config["stability_arguments"]
     control = 0 if stability.get("control_child") else None
@@ -205,6 +269,12 @@ def analyze_run(
             "batch_size": args.batch_size,
             "autocast": args.autocast,
             "num_processes": evaluator.num_processes,
+            "alignment": {
+                "method": args.alignment,
+                "seed": args.alignment_seed if args.alignment == "weight" else None,
+                "samples": len(alignment_data) if alignment_data is not None else None,
+                "architecture": spec.architecture if spec is not None else None,
+            },
         },
         "parent": {split: {"loss": sums_of("parent", parent, split).loss, "error": sums_of("parent", parent, split).error}
                    for split in splits},

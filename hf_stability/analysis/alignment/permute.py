@@ -1,0 +1,84 @@
+"""Make, apply and check permutations of a PermutationSpec."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .architectures import permutation_spec
+from .spec import Permutation, PermutationGroup, PermutationSpec
+
+
+def identity_permutation(spec: PermutationSpec) -> Permutation:
+    """Every unit stays where it is."""
+    return {name: torch.arange(slot.size) for name, slot in spec.slots.items()}
+
+
+def compose_heads(group: PermutationGroup, heads: torch.Tensor, within: dict[str, torch.Tensor]) -> Permutation:
+    """The slot permutations of an attention group from a head permutation ``heads`` (H) and, per
+    slot, the permutations inside each head ``within[slot]`` (H x head_dim, row h for head h of
+    the permuted model)."""
+    d = group.head_dim
+    return {slot.name: (heads.view(-1, 1) * d + within[slot.name]).reshape(-1) for slot in group.slots}
+
+
+def random_permutation(spec: PermutationSpec, generator: torch.Generator | None = None) -> Permutation:
+    """A uniformly random permutation of every slot, heads relabelled as wholes (seed it with
+    ``generator`` for a reproducible draw; the global RNG is not touched when one is given)."""
+    perm: Permutation = {}
+    for group in spec.groups:
+        heads = torch.randperm(group.num_heads, generator=generator)
+        within = {
+            slot.name: torch.stack([torch.randperm(group.head_dim, generator=generator) for _ in range(group.num_heads)])
+            for slot in group.slots
+        }
+        perm.update(compose_heads(group, heads, within))
+    return perm
+
+
+def _full_index(length: int, segments: list[tuple[int, torch.Tensor]], device: torch.device) -> torch.Tensor:
+    index = torch.arange(length, device=device)
+    for start, p in segments:
+        index[start : start + len(p)] = p.to(device) + start
+    return index
+
+
+def permute_tensor(
+    tensor: torch.Tensor,
+    name: str,
+    spec: PermutationSpec,
+    perm: Permutation,
+    skip: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """``tensor`` (the parameter ``name``) with every permuted axis reordered; ``skip`` =
+    (axis, start) leaves that one segment as it is (weight matching reads it raw)."""
+    by_axis: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    for ref, slot in spec.axes_of(name):
+        if skip is not None and (ref.axis, ref.start) == skip:
+            continue
+        by_axis.setdefault(ref.axis, []).append((ref.start, perm[slot.name]))
+    for axis, segments in by_axis.items():
+        tensor = tensor.index_select(axis, _full_index(tensor.shape[axis], segments, tensor.device))
+    return tensor
+
+
+def permute_state(state: dict[str, torch.Tensor], spec: PermutationSpec, perm: Permutation) -> dict[str, torch.Tensor]:
+    """A new state dict with ``perm`` applied (tensors the spec does not permute are shared)."""
+    return {name: permute_tensor(tensor, name, spec, perm) for name, tensor in state.items()}
+
+
+def apply_permutation(model: nn.Module, perm: Permutation, spec: PermutationSpec | None = None) -> nn.Module:
+    """A permuted copy of ``model``: the same function (up to float rounding), hidden units
+    relabelled. ``model`` itself is left unchanged."""
+    spec = spec or permutation_spec(model)
+    params = spec.check_model(model)
+    spec.check_permutation(perm)
+    permuted = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in params:
+            if spec.axes_of(name):
+                target = permuted.get_parameter(name)
+                target.copy_(permute_tensor(params[name].detach(), name, spec, perm))
+    return permuted
