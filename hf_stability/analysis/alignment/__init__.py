@@ -2,22 +2,21 @@
 without changing the function it computes, then measure what distance and barrier remain.
 
 - ``permutation_spec(model)``: the symmetries of BERT-layout encoders, transformers ViT and
-  timm VisionTransformer, attention heads included (``architectures.py``).
+  timm VisionTransformer, attention heads included (``specs/``, one file per family).
 - ``random_permutation``, ``apply_permutation``, ``permute_state`` (``permute.py``).
 - ``weight_matching(a, b)`` and ``activation_matching(a, b, spec, data)``, each returning a
   ``MatchingResult`` whose ``permutation`` goes to ``apply_permutation(b, ...)``.
 """
 
 from .activation_matching import activation_matching
-from .architectures import BERT_LAYOUT_TYPES, SUPPORTED, permutation_spec
 from .assignment import MatchingResult, solve_group
 from .permute import apply_permutation, identity_permutation, permute_state, permute_tensor, random_permutation
 from .spec import ActivationRef, AxisRef, Permutation, PermutationGroup, PermutationSpec, Slot
+from .specs import BERT_LAYOUT_TYPES, permutation_spec, register_spec, supported_architectures
 from .weight_matching import objective, weight_matching
 
 __all__ = [
     "BERT_LAYOUT_TYPES",
-    "SUPPORTED",
     "ActivationRef",
     "AxisRef",
     "MatchingResult",
@@ -33,6 +32,8 @@ __all__ = [
     "permute_state",
     "permute_tensor",
     "random_permutation",
+    "register_spec",
     "solve_group",
+    "supported_architectures",
     "weight_matching",
 ]

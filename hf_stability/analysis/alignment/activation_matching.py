@@ -12,9 +12,9 @@ from torch import nn
 from ...errors import UnsupportedArchitectureError
 from ..compare import check_same_architecture
 from ..evaluation import EvalData, Evaluator, forward_logits
-from .architectures import permutation_spec
 from .assignment import MatchingResult, assignment_value, solve_group
 from .spec import ActivationRef, PermutationSpec, Slot
+from .specs import permutation_spec
 
 
 class _Moments:

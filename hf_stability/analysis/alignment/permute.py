@@ -7,8 +7,8 @@ import copy
 import torch
 from torch import nn
 
-from .architectures import permutation_spec
 from .spec import Permutation, PermutationGroup, PermutationSpec
+from .specs import permutation_spec
 
 
 def identity_permutation(spec: PermutationSpec) -> Permutation:

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from ..compare import check_same_architecture
-from .architectures import permutation_spec
 from .assignment import MatchingResult, assignment_value, solve_group
 from .permute import identity_permutation, permute_tensor
 from .spec import AxisRef, Permutation, PermutationGroup, PermutationSpec, Slot
+from .specs import permutation_spec
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,29 @@
+"""permutation_spec(model): the PermutationSpec of a supported architecture, derived from the
+model itself. One file per architecture family registers its builder (``registry.py``)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ....errors import UnsupportedArchitectureError
+from ..spec import PermutationSpec
+from . import timm_vit, transformers_encoder  # noqa: F401  (they register their families)
+from .registry import FAMILIES, register_spec, supported_architectures
+from .transformers_encoder import BERT_LAYOUT_TYPES
+
+
+def permutation_spec(model: nn.Module) -> PermutationSpec:
+    """The PermutationSpec of ``model``'s architecture; raises UnsupportedArchitectureError listing
+    the supported ones otherwise."""
+    for family in FAMILIES:
+        if family.matches(model):
+            return family.build(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    raise UnsupportedArchitectureError(
+        f"No permutation spec for {type(model).__name__}"
+        + (f" (model_type {model_type!r})" if model_type else "")
+        + f". Supported: {supported_architectures()}. Run the analyzer with --alignment none to skip alignment."
+    )
+
+
+__all__ = ["BERT_LAYOUT_TYPES", "FAMILIES", "permutation_spec", "register_spec", "supported_architectures"]
