@@ -75,6 +75,12 @@ class StabilityArguments:
     analysis_eval_samples: int | None = field(
         default=None, metadata={"help": "Evaluation examples saved in RUN/data/eval (default: all)."}
     )
+    base_model: str | None = field(
+        default=None, metadata={"help": "Hub id of the model being fine-tuned, for the report card's metadata."}
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub id of the training dataset, for the report card's metadata."}
+    )
     overwrite_run: bool = field(
         default=False,
         metadata={"help": "Delete a run of another configuration found in output_dir instead of refusing."},

@@ -1,10 +1,11 @@
-"""``hf-stability``: the command line (demo, train)."""
+"""``hf-stability``: the command line (demo, train, analyze, report, push)."""
 
 from __future__ import annotations
 
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
@@ -16,7 +17,19 @@ COMMANDS = {
     "demo": "Fine-tune the packaged MiniLM on tweet sentiment and run a small butterfly study (offline).",
     "train": "Run a butterfly study of a text classifier: TrainingArguments + StabilityArguments flags.",
     "analyze": "Measure a run directory (L2, barriers, CKA, disagreement) -> RUN/analysis/report.json.",
+    "report": "Render RUN/analysis/report.json into PNG plots and a model card (RUN/analysis/README.md).",
+    "push": "Upload the report (and with --include_weights the final weights) to a Hub model repo.",
 }
+
+
+@dataclass
+class PushArguments:
+    """Options of ``hf-stability push RUN_DIR``."""
+
+    repo_id: str = field(metadata={"help": "Hub repository: 'name' or 'namespace/name' (created if missing)."})
+    private: bool = field(default=False, metadata={"help": "Create the repository as private."})
+    include_weights: bool = field(default=False, metadata={"help": "Also upload the final weights (safetensors)."})
+    commit_message: str | None = field(default=None, metadata={"help": "Commit message on the Hub."})
 
 
 def _usage() -> str:
@@ -36,7 +49,15 @@ def _demo(argv: Sequence[str]) -> int:
     from .demo import DemoArguments, run_demo
 
     (demo,) = HfArgumentParser(DemoArguments, prog="hf-stability demo").parse_args_into_dataclasses(list(argv))
-    _print_result(run_demo(demo))
+    result = run_demo(demo)
+    _print_result(result)
+    if demo.analyze:
+        from .demo import analyze_demo
+
+        report, files = analyze_demo(result.run_dir)
+        print()
+        print(_format_summary(report))
+        _print_report_files(files)
     return 0
 
 
@@ -56,12 +77,12 @@ def _train(argv: Sequence[str]) -> int:
 
 
 SUMMARY_COLUMNS = (
-    ("L2", "l2", 10),
-    ("L2 aligned", "aligned_l2", 10),
+    ("L2", "l2", 18),
+    ("L2 aligned", "aligned_l2", 18),
     ("loss barrier", "loss_barrier_eval", 18),
     ("aligned", "aligned_loss_barrier_eval", 18),
     ("error barrier", "error_barrier_eval", 18),
-    ("disagree", "disagreement", 9),
+    ("disagree", "disagreement", 16),
 )
 
 
@@ -109,13 +130,53 @@ def _analyze(argv: Sequence[str]) -> int:
     return 0
 
 
+def _print_report_files(files) -> None:
+    print(f"\nModel card: {files.card.resolve()}")
+    print(f"Plots:      {files.card.parent.resolve() / 'plots'} ({', '.join(sorted(files.plots))})")
+
+
+def _run_dir_and_rest(command: str, argv: Sequence[str], usage: str) -> tuple[str, list[str]] | None:
+    if not argv or argv[0].startswith("-"):
+        print(f"usage: hf-stability {command} RUN_DIR {usage}".rstrip(), file=sys.stderr)
+        return None
+    return argv[0], list(argv[1:])
+
+
+def _report(argv: Sequence[str]) -> int:
+    from .report import write_report
+
+    parsed = _run_dir_and_rest("report", argv, "")
+    if parsed is None:
+        return 2
+    run_dir, rest = parsed
+    if rest:
+        print(f"hf-stability report: unexpected arguments {rest}", file=sys.stderr)
+        return 2
+    _print_report_files(write_report(run_dir))
+    return 0
+
+
+def _push(argv: Sequence[str]) -> int:
+    from .report import push_report
+
+    parsed = _run_dir_and_rest("push", argv, "--repo-id NAME [--private] [--include-weights] [--commit-message M]")
+    if parsed is None:
+        return 2
+    run_dir, rest = parsed
+    (args,) = HfArgumentParser(PushArguments, prog="hf-stability push").parse_args_into_dataclasses(rest)
+    url = push_report(run_dir, args.repo_id, private=args.private, include_weights=args.include_weights,
+                      commit_message=args.commit_message)
+    print(f"Pushed: {url}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    handlers = {"demo": _demo, "train": _train, "analyze": _analyze}
+    handlers = {"demo": _demo, "train": _train, "analyze": _analyze, "report": _report, "push": _push}
     if command not in handlers:
         print(f"hf-stability: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2

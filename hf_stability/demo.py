@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from transformers import TrainingArguments
 
@@ -32,6 +34,7 @@ class DemoArguments:
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (linear decay, 10% warm-up)."})
     seed: int = field(default=42, metadata={"help": "Training seed (classifier init, dropout, data order)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a run of another configuration in output_dir."})
+    analyze: bool = field(default=True, metadata={"help": "End with the analysis and the report (plots, card)."})
 
     def __post_init__(self) -> None:
         if self.size not in PRESETS:
@@ -76,3 +79,16 @@ def run_demo(demo: DemoArguments) -> ButterflyResult:
     task, stability, training = demo_arguments(demo)
     trainer = build_text_classification_trainer(task, stability, training)
     return trainer.butterfly()
+
+
+#: Analyzer settings of the demo: enough examples for stable barriers, quick on 2 CPU cores.
+DEMO_ANALYSIS = {"eval_samples": 128, "train_samples": 64, "alphas": 5, "batch_size": 64}
+
+
+def analyze_demo(run_dir: Path) -> tuple[dict, Any]:
+    """Analyze the demo's run directory and render its report; returns (report, ReportFiles)."""
+    from .analysis import AnalyzeArguments, analyze_run
+    from .report import write_report
+
+    report = analyze_run(run_dir, AnalyzeArguments(**DEMO_ANALYSIS))
+    return report, write_report(run_dir)

@@ -58,3 +58,11 @@ class AnalysisDataError(HfStabilityError, ValueError):
 
 class UnsupportedArchitectureError(HfStabilityError, ValueError):
     """Permutation alignment has no spec for this architecture (or this variant of it)."""
+
+
+class ReportError(HfStabilityError, ValueError):
+    """A run has no analysis, or its report.json is of another schema or incomplete."""
+
+
+class PushError(HfStabilityError):
+    """Uploading a report to the Hub failed (invalid repo id, no token, the Hub refused)."""

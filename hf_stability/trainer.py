@@ -47,7 +47,7 @@ _NON_IDENTITY_ARGS = {
 }
 _NON_IDENTITY_STABILITY = {
     "overwrite_run", "keep_parent_trajectory", "keep_child_checkpoints", "divergence_every",
-    "analysis_train_samples", "analysis_eval_samples",
+    "analysis_train_samples", "analysis_eval_samples", "base_model", "dataset_name",
 }
 
 
@@ -154,6 +154,33 @@ class StabilityTrainer(Trainer):
         return loss
 
     # ---- butterfly --------------------------------------------------------------------------
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """The Trainer's own model card (what ``push_to_hub`` uploads), plus a stability section
+        (summary, table, figures) when ``output_dir`` holds an analysed butterfly run."""
+        super().create_model_card(*args, **kwargs)
+        output = Path(self.args.output_dir)
+        card_file = output / "README.md"
+        if not self.is_world_process_zero() or not card_file.is_file():
+            return
+        if not (output / "analysis" / "report.json").is_file():
+            return
+        from huggingface_hub import ModelCard
+
+        from .errors import ReportError
+        from .report import load_report, stability_section
+
+        try:
+            report = load_report(output)
+        except ReportError as err:
+            logger.warning("The model card gets no stability section: %s", err)
+            return
+        plots = {p.name: p for p in sorted((output / "analysis" / "plots").glob("*.png"))}
+        section = stability_section(report, plots, plots_prefix="analysis/plots/").replace("## ", "### ")
+        card = ModelCard.load(card_file)
+        card.data.tags = sorted(set(card.data.tags or []) | {"hf-stability", "training-stability"})
+        card.text = card.text.rstrip() + "\n\n## Training stability (hf_stability)\n\n" + section
+        card.save(card_file)
+
     def butterfly(self) -> ButterflyResult:
         """Train the parent and every child; write and return the run directory's summary."""
         self._check_butterfly_arguments()

@@ -41,6 +41,11 @@ def test_demo_runs_end_to_end_and_prints_the_table(tmp_path):
     assert re.search(r"^\s+1\s+c1\s+[0-9.e-]+\s+0\.\d+", out, re.MULTILINE)
     assert f"Run directory: {tmp_path / 'demo'}" in out
     assert "children: 100%" in result.stderr  # tqdm progress
+    # it ends with the analysis and the report
+    assert "loss barrier" in out and "L2 aligned" in out
+    card = tmp_path / "demo" / "analysis" / "README.md"
+    assert f"Model card: {card}" in out and card.is_file()
+    assert "barrier_vs_spawn_step.png" in out and (card.parent / "plots" / "barrier_vs_spawn_step.png").is_file()
 
 
 def test_user_errors_exit_with_a_message_not_a_traceback(tmp_path):

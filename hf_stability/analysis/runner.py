@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..atomic_io import write_json
+from ..atomic_io import read_jsonl, write_json
 from ..errors import AnalysisDataError
 from ..run_directory import RunDirectory
 from .alignment import activation_matching, apply_permutation, permutation_spec, weight_matching
@@ -232,6 +232,13 @@ def analyze_run(
             )
             pairs.append(pair)
 
+    divergence = []
+    for t in config["spawn_steps"]:
+        for k in config["children"]:
+            records = read_jsonl(run.child_dir(t, k) / "divergence.jsonl")
+            divergence.append({"spawn_step": t, "child": k, "is_control": k == control,
+                               "steps": [r["step"] for r in records], "l2": [r["l2"] for r in records]})
+
     summary = []
     for t in config["spawn_steps"]:
         mine = [p for p in pairs if p["spawn_step"] == t and p["kind"] == "parent-child"]
@@ -247,6 +254,7 @@ def analyze_run(
             }
         )
 
+    model_class = config.get("identity", {}).get("model", {}).get("class")
     report = {
         "schema_version": REPORT_SCHEMA_VERSION,
         "generated_by": f"hf_stability {__version__}",
@@ -257,7 +265,10 @@ def analyze_run(
             "children": config["children"],
             "control_child": control,
             "perturbations": config["perturbations"],
-            "model": config.get("identity", {}).get("model", {}).get("class"),
+            "model": model_class,
+            "task": "image-classification" if "Image" in (model_class or "") else "text-classification",
+            "base_model": stability.get("base_model"),
+            "dataset_name": stability.get("dataset_name"),
         },
         "settings": {
             "alphas": args.alphas,
@@ -280,6 +291,7 @@ def analyze_run(
                    for split in splits},
         "pairs": pairs,
         "diverged": diverged,
+        "divergence": divergence,
         "summary": summary,
     }
     if evaluator.is_main_process:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from datasets import DatasetDict, load_dataset
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments
@@ -15,8 +16,7 @@ from ..metrics import classification_metrics
 from ..trainer import StabilityTrainer
 
 OFFLINE_DATASETS = {"tweets": load_tweet_sentiment, "drug_reviews": load_drug_reviews}
-
-
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 @dataclass
 class TextClassificationArguments:
     """Which model and data a text classification study uses."""
@@ -39,6 +39,19 @@ class TextClassificationArguments:
     def __post_init__(self) -> None:
         if self.max_length < 8:
             raise HfStabilityError(f"max_length must be >= 8 tokens, got {self.max_length}.")
+
+
+def _card_metadata(task: TextClassificationArguments, stability: StabilityArguments) -> StabilityArguments:
+    """Fill the report card's base_model / dataset_name from Hub names (never from local paths)."""
+    model = task.model_name_or_path
+    base_model = stability.base_model or (
+        MINILM_HUB_ID if model in ("", "minilm") else None if Path(model).exists() else model
+    )
+    dataset = task.dataset
+    dataset_name = stability.dataset_name or (
+        None if dataset in OFFLINE_DATASETS or Path(dataset).exists() else dataset
+    )
+    return replace(stability, base_model=base_model, dataset_name=dataset_name)
 
 
 def load_text_splits(args: TextClassificationArguments) -> DatasetDict:
@@ -95,5 +108,5 @@ def build_text_classification_trainer(
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=classification_metrics("accuracy"),
-        stability_args=stability,
+        stability_args=_card_metadata(task, stability),
     )

@@ -1,0 +1,51 @@
+"""The report stage: analysis/report.json -> PNG plots -> model card -> Hub.
+
+- ``write_report(run_dir)``: RUN/analysis/plots/*.png and RUN/analysis/README.md (the card).
+- ``push_report(run_dir, repo_id)``: upload them (and, if asked, the final weights).
+- ``stability_section(report)``: the Markdown section StabilityTrainer adds to its model card.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..atomic_io import atomic_path
+from .card import build_card, stability_section
+from .findings import spawn_findings, summary_paragraph
+from .load import load_report
+from .plots import render_plots
+from .push import push_report
+
+
+@dataclass
+class ReportFiles:
+    """Where ``write_report`` put the card and the figures."""
+
+    card: Path
+    plots: dict[str, Path]
+
+
+def write_report(run_dir: str | Path) -> ReportFiles:
+    """Render RUN/analysis/report.json into plots and a model card, next to it."""
+    report = load_report(run_dir)
+    analysis = Path(run_dir) / "analysis"
+    plots = render_plots(report, analysis / "plots")
+    card = build_card(report, plots)
+    path = analysis / "README.md"
+    with atomic_path(path) as tmp:
+        tmp.write_text(str(card), encoding="utf-8")
+    return ReportFiles(card=path, plots=plots)
+
+
+__all__ = [
+    "ReportFiles",
+    "build_card",
+    "load_report",
+    "push_report",
+    "render_plots",
+    "spawn_findings",
+    "stability_section",
+    "summary_paragraph",
+    "write_report",
+]

@@ -1,0 +1,106 @@
+"""The divergence report card (a Hub model card, README.md) and the stability section that
+StabilityTrainer adds to the Trainer's own card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .findings import FLOOR_FACTOR, spawn_findings, summary_paragraph
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "divergence_report.md"
+TAGS = ["hf-stability", "training-stability", "butterfly-effect", "linear-mode-connectivity"]
+FIGURES = {
+    "barrier_vs_spawn_step.png": "Loss and error barriers against the spawn step, with the noise floor",
+    "aligned_vs_unaligned.png": "Barriers before and after permutation alignment",
+    "divergence.png": "L2 distance to the parent during training, every child",
+    "metric_along_alpha.png": "Eval loss and error along the linear path",
+    "cka_per_layer.png": "Linear CKA between parent and children, per layer",
+}
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _cell(stats: dict[str, Any], key: str) -> str:
+    entry = stats.get(key)
+    if not entry or entry.get("mean") is None:
+        return "n/a"
+    return f"{entry['mean']:.4g} +- {entry['std']:.2g}"
+
+
+def stability_section(report: dict[str, Any], plots: dict[str, Path] | None = None, plots_prefix: str = "plots/") -> str:
+    """Markdown: the summary in words, the table per spawn step (children beside the control)
+    and the figures (linked under ``plots_prefix``)."""
+    aligned = report["settings"]["alignment"]["method"] != "none"
+    header = ["spawn step", "who", "L2 to parent", "loss barrier (eval)", "error barrier (eval)"]
+    keys = ["l2", "loss_barrier_eval", "error_barrier_eval"]
+    if aligned:
+        header.append("loss barrier after alignment")
+        keys.append("aligned_loss_barrier_eval")
+    header.append("disagreement")
+    keys.append("disagreement")
+    lines = ["## Summary", "", summary_paragraph(report), "", "## Results", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    separated = {f.spawn_step: f.separated for f in spawn_findings(report)}
+    for row in report["summary"]:
+        if row["control"]:
+            lines.append(f"| {row['spawn_step']} | control (noise floor) | "
+                         + " | ".join(_num(row["control"].get(k)) for k in keys) + " |")
+        if row["children"]:
+            verdict = "another basin" if separated.get(row["spawn_step"]) else "same basin"
+            lines.append(f"| {row['spawn_step']} | {row['num_children']} children ({verdict}) | "
+                         + " | ".join(_cell(row["children"], k) for k in keys) + " |")
+    if plots:
+        lines += ["", "## Figures", ""]
+        for name, caption in FIGURES.items():
+            if name in plots:
+                lines += [f"![{caption}]({plots_prefix}{name})", "", f"*{caption}.*", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def card_data(report: dict[str, Any]) -> Any:
+    """YAML metadata: library, base model, datasets, tags and the parent's eval accuracy where
+    the dataset is a named one."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    run = report["run"]
+    base_model, dataset = run.get("base_model"), run.get("dataset_name")
+    name = f"{base_model.split('/')[-1]}-stability-report" if base_model else "stability-report"
+    results = None
+    if dataset:
+        results = [EvalResult(
+            task_type=run["task"], dataset_type=dataset, dataset_name=dataset, dataset_split="eval",
+            metric_type="accuracy", metric_name="parent eval accuracy",
+            metric_value=round(1.0 - report["parent"]["eval"]["error"], 6),
+        )]
+    return ModelCardData(
+        library_name="hf_stability",
+        base_model=base_model,
+        datasets=[dataset] if dataset else None,
+        tags=TAGS + [run["task"]],
+        pipeline_tag=run["task"],
+        model_name=name,
+        eval_results=results,
+    )
+
+
+def build_card(report: dict[str, Any], plots: dict[str, Path]) -> Any:
+    """The report card (``huggingface_hub.ModelCard``) from the template in model_cards/."""
+    from huggingface_hub import ModelCard
+
+    settings = report["settings"]
+    return ModelCard.from_template(
+        card_data(report),
+        template_path=str(TEMPLATE),
+        base_model=report["run"].get("base_model"),
+        generated_by=report["generated_by"],
+        section=stability_section(report, plots),
+        alphas=settings["alphas"],
+        eval_samples=settings["eval_samples"],
+        floor_factor=f"{FLOOR_FACTOR:g}",
+        alignment=settings["alignment"]["method"],
+        pooling=settings.get("pooling", "cls"),
+        schema_version=report["schema_version"],
+    )

@@ -1,0 +1,219 @@
+"""The report's figures (matplotlib, PNG), each drawn from report.json alone.
+
+Every figure puts the children beside the control child (the noise floor), labels its axes
+with units, and is saved with a tight bounding box so that nothing is clipped.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from ..atomic_io import atomic_path
+
+DPI = 150
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede the pyplot import
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def _perturbed(report: dict[str, Any], spawn_step: int) -> list[dict[str, Any]]:
+    return [p for p in report["pairs"]
+            if p["spawn_step"] == spawn_step and p["kind"] == "parent-child" and not p["is_control"]]
+
+
+def _control(report: dict[str, Any], spawn_step: int) -> dict[str, Any] | None:
+    return next((p for p in report["pairs"] if p["spawn_step"] == spawn_step and p["is_control"]), None)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return float("nan"), 0.0
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def _step_axis(ax: Any, steps: list[int]) -> None:
+    ax.set_xlabel("spawn step t (optimizer steps)")
+    if len(steps) > 2 and max(steps) > 20 * max(1, sorted(steps)[1]):
+        ax.set_xscale("symlog", linthresh=max(1, sorted(steps)[1]))
+    ax.set_xticks(steps)
+    ax.set_xticklabels([str(s) for s in steps])
+
+
+METRICS = (("loss", "loss barrier (nats)"), ("error", "error barrier (fraction of examples)"))
+
+
+def plot_barrier_vs_spawn_step(report: dict[str, Any], path: Path) -> Path:
+    """Eval loss and error barriers of the children (mean ± std) against the spawn step, with
+    the control's barrier (the noise floor) as a band from zero."""
+    plt = _pyplot()
+    steps = report["run"]["spawn_steps"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (metric, label) in zip(axes, METRICS):
+        stats = [_mean_std([p["barriers"]["eval"][metric]["barrier"] for p in _perturbed(report, t)]) for t in steps]
+        floors = [(_control(report, t) or {}).get("barriers", {}).get("eval", {}).get(metric, {}).get("barrier")
+                  for t in steps]
+        if any(f is not None for f in floors):
+            floor = [max(f or 0.0, 0.0) for f in floors]
+            ax.fill_between(steps, 0, floor, color="0.6", alpha=0.35, step=None, label="noise floor (control child)")
+            ax.plot(steps, floor, color="0.4", lw=1)
+        ax.errorbar(steps, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=4,
+                    color="tab:red", label="perturbed children (mean ± std)")
+        ax.axhline(0, color="black", lw=0.6)
+        _step_axis(ax, steps)
+        ax.set_ylabel(f"eval {label}")
+        ax.set_title(f"Eval {metric} barrier, parent vs child")
+        ax.legend(fontsize=8)
+    fig.suptitle("Barrier on the linear path between parent and child, by spawn step")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_metric_along_alpha(report: dict[str, Any], path: Path) -> Path:
+    """Eval loss and error along the linear path, mean over each spawn step's children."""
+    plt = _pyplot()
+    steps = report["run"]["spawn_steps"]
+    colors = plt.cm.viridis([i / max(1, len(steps) - 1) for i in range(len(steps))])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (metric, _) in zip(axes, METRICS):
+        for color, t in zip(colors, steps):
+            pairs = _perturbed(report, t)
+            if not pairs:
+                continue
+            alphas = pairs[0]["barriers"]["eval"][metric]["alphas"]
+            curves = [p["barriers"]["eval"][metric]["values"] for p in pairs]
+            mean = [statistics.fmean(values) for values in zip(*curves)]
+            ax.plot(alphas, mean, marker=".", color=color, label=f"t = {t}")
+        ax.set_xlabel("interpolation alpha (0 = parent, 1 = child)")
+        ax.set_ylabel("eval loss (mean cross-entropy, nats)" if metric == "loss" else "eval error (fraction wrong)")
+        ax.set_title(f"Eval {metric} along the path (mean over children)")
+        ax.legend(title="spawn step", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_divergence(report: dict[str, Any], path: Path) -> Path:
+    """L2 distance to the parent during training, for every child (controls dashed)."""
+    plt = _pyplot()
+    steps = report["run"]["spawn_steps"]
+    colors = dict(zip(steps, plt.cm.viridis([i / max(1, len(steps) - 1) for i in range(len(steps))])))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    labelled: set[Any] = set()
+    positive = [v for d in report["divergence"] for v in d["l2"] if v > 0]
+    for d in report["divergence"]:
+        if not d["steps"]:
+            continue
+        key = "control" if d["is_control"] else d["spawn_step"]
+        label = None if key in labelled else ("control children" if d["is_control"] else f"spawned at t = {key}")
+        labelled.add(key)
+        ax.plot(d["steps"], d["l2"], color="0.3" if d["is_control"] else colors[d["spawn_step"]],
+                ls="--" if d["is_control"] else "-", lw=1.2, label=label)
+    if positive:
+        ax.set_yscale("symlog", linthresh=min(positive))
+    ax.set_xlabel("training step")
+    ax.set_ylabel("L2 distance to the parent (parameter space)")
+    ax.set_title("Divergence of every child from its parent")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_cka_heatmap(report: dict[str, Any], path: Path) -> Path | None:
+    """Mean linear CKA between parent and children per layer (rows: spawn steps)."""
+    plt = _pyplot()
+    steps = [t for t in report["run"]["spawn_steps"] if _perturbed(report, t)]
+    if not steps:
+        return None
+    layers = _perturbed(report, steps[0])[0]["cka"]["layers"]
+    grid = []
+    for t in steps:
+        rows = [p["cka"]["values"] for p in _perturbed(report, t)]
+        grid.append([statistics.fmean(v) if (v := [r[i] for r in rows if r[i] is not None]) else float("nan")
+                     for i in range(len(layers))])
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.8 * len(layers) + 3), max(3.2, 0.6 * len(steps) + 2.2)))
+    image = ax.imshow(grid, aspect="auto", cmap="magma", vmin=min(0.0, *[v for r in grid for v in r if not math.isnan(v)]),
+                      vmax=1.0)
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            defined = not math.isnan(value)  # NaN: the layer does not vary over examples (CKA undefined)
+            ax.text(j, i, f"{value:.3f}" if defined else "n/a", ha="center", va="center", fontsize=7,
+                    color="white" if defined and value < 0.6 else "black")
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels(layers, rotation=45, ha="right")
+    ax.set_yticks(range(len(steps)))
+    ax.set_yticklabels([f"t = {t}" for t in steps])
+    ax.set_xlabel("layer (hidden states after it)")
+    ax.set_ylabel("spawn step")
+    ax.set_title(f"Linear CKA, parent vs children\n({report['settings']['pooling']} pooling, mean over children)")
+    fig.colorbar(image, ax=ax, label="linear CKA (1 = identical)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_aligned_vs_unaligned(report: dict[str, Any], path: Path) -> Path | None:
+    """Eval loss barrier before and after permutation alignment, per spawn step."""
+    method = report["settings"]["alignment"]["method"]
+    if method == "none":
+        return None
+    plt = _pyplot()
+    steps = [t for t in report["run"]["spawn_steps"] if _perturbed(report, t)]
+    before = [_mean_std([p["barriers"]["eval"]["loss"]["barrier"] for p in _perturbed(report, t)]) for t in steps]
+    after = [_mean_std([p["aligned"]["barriers"]["eval"]["loss"]["barrier"] for p in _perturbed(report, t)
+                        if p.get("aligned")]) for t in steps]
+    floors = [(_control(report, t) or {}).get("barriers", {}).get("eval", {}).get("loss", {}).get("barrier")
+              for t in steps]
+    x = list(range(len(steps)))
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(steps) + 2), 4.2))
+    width = 0.38
+    ax.bar([i - width / 2 for i in x], [m for m, _ in before], width, yerr=[s for _, s in before], capsize=4,
+           color="tab:red", label="unaligned")
+    ax.bar([i + width / 2 for i in x], [m for m, _ in after], width, yerr=[s for _, s in after], capsize=4,
+           color="tab:blue", label=f"after {method} matching")
+    for i, floor in zip(x, floors):
+        if floor is not None:
+            ax.hlines(floor, i - width, i + width, color="black", lw=1.5, label="noise floor" if i == 0 else None)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"t = {t}" for t in steps])
+    ax.set_xlabel("spawn step")
+    ax.set_ylabel("eval loss barrier (nats)")
+    ax.set_title("Barrier before and after permutation alignment\n(mean ± std over children)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+PLOTS = {
+    "barrier_vs_spawn_step.png": plot_barrier_vs_spawn_step,
+    "metric_along_alpha.png": plot_metric_along_alpha,
+    "divergence.png": plot_divergence,
+    "cka_per_layer.png": plot_cka_heatmap,
+    "aligned_vs_unaligned.png": plot_aligned_vs_unaligned,
+}
+
+
+def render_plots(report: dict[str, Any], folder: str | Path) -> dict[str, Path]:
+    """Draw every figure that the report has data for into ``folder``; name -> path."""
+    folder = Path(folder)
+    drawn = {}
+    for name, draw in PLOTS.items():
+        path = draw(report, folder / name)
+        if path is not None:
+            drawn[name] = path
+    return drawn

@@ -1,0 +1,196 @@
+"""The report stage: plots and card from report.json, the push to a Hub-compatible server on
+127.0.0.1 (real HTTP, huggingface_hub's own client), and clear errors for bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import tiny_bert, training_args, tweets
+from hub_server import HubServer
+from huggingface_hub import ModelCard
+from PIL import Image
+
+from hf_stability import StabilityArguments, StabilityTrainer
+from hf_stability.analysis import AnalyzeArguments, analyze_run
+from hf_stability.errors import PushError, ReportError
+from hf_stability.metrics import classification_metrics
+from hf_stability.report import load_report, push_report, spawn_findings, write_report
+
+TOKEN = "hf_testTOKEN_5f1d2c9a0b7e"
+
+
+@pytest.fixture(scope="module")
+def analysed_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "run"
+    train, test = tweets()
+    trainer = StabilityTrainer(
+        model_init=lambda: tiny_bert(0),
+        args=training_args(out, max_steps=8, learning_rate=3e-3),
+        train_dataset=train,
+        eval_dataset=test,
+        compute_metrics=classification_metrics(),
+        stability_args=StabilityArguments(spawn_steps=[0, 4], num_children=2, perturbation_scale=0.5,
+                                          divergence_every=2, base_model="google-bert/bert-base-uncased",
+                                          dataset_name="cardiffnlp/tweet_eval"),
+    )
+    trainer.butterfly()
+    analyze_run(out, AnalyzeArguments(train_samples=32, batch_size=16, cpu=True))
+    write_report(out)
+    return out, trainer
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(run, target)
+    return target
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_report_renders_every_plot_and_a_card_built_from_the_numbers(analysed_run):
+    run, _ = analysed_run
+    plots = sorted(p.name for p in (run / "analysis" / "plots").glob("*.png"))
+    assert plots == ["aligned_vs_unaligned.png", "barrier_vs_spawn_step.png", "cka_per_layer.png", "divergence.png",
+                     "metric_along_alpha.png"]
+    for name in plots:
+        with Image.open(run / "analysis" / "plots" / name) as image:
+            assert image.format == "PNG" and image.width >= 600 and image.height >= 300
+    card = ModelCard.load(run / "analysis" / "README.md")
+    assert card.data.library_name == "hf_stability"
+    assert card.data.base_model == "google-bert/bert-base-uncased"
+    assert card.data.datasets == ["cardiffnlp/tweet_eval"]
+    assert "hf-stability" in card.data.tags and card.data.pipeline_tag == "text-classification"
+    report = load_report(run)
+    accuracy = card.data.eval_results[0]
+    assert accuracy.metric_value == pytest.approx(1 - report["parent"]["eval"]["error"], abs=1e-6)
+    text = card.text
+    assert "Gaussian noise of sigma = 0.5 x each tensor's init std, at steps 0 and 4 of 8" in text
+    for finding in spawn_findings(report):
+        assert f"children spawned at step {finding.spawn_step}" in text
+    control = report["summary"][0]["control"]
+    assert f"| 0 | control (noise floor) | {control['l2']:.4g} |" in text
+    for name in plots:
+        assert f"(plots/{name})" in text
+    assert str(run) not in text  # no local paths in what gets published
+
+
+def test_a_separated_spawn_step_is_called_another_basin(analysed_run, tmp_path):
+    run = _copy(analysed_run[0], tmp_path)
+    path = run / "analysis" / "report.json"
+    report = json.loads(path.read_text())
+    row = report["summary"][0]
+    row["children"]["loss_barrier_eval"] = {"mean": 0.41, "std": 0.05, "n": 2}
+    row["control"]["loss_barrier_eval"] = 0.0
+    path.write_text(json.dumps(report))
+    write_report(run)
+    text = (run / "analysis" / "README.md").read_text()
+    assert "children spawned at step 0 end in another basin: loss barrier 0.41 +- 0.05 against a noise floor of 0" in text
+
+
+def test_push_uploads_byte_identical_files_with_the_token_and_never_writes_it(analysed_run, tmp_path):
+    run = _copy(analysed_run[0], tmp_path)
+    before = _digests(run)
+    with HubServer() as hub:
+        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1",
+                   HF_HOME=str(tmp_path / "hf_home"))
+        result = subprocess.run(
+            [sys.executable, "-m", "hf_stability.cli", "push", str(run), "--repo-id", "someone/stability-study",
+             "--private", "--include-weights"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        files = hub.repos["someone/stability-study"]
+    assert hub.created[0]["visibility"] == "private" or hub.created[0].get("private") is True
+    analysis = run / "analysis"
+    expected = {"README.md": analysis / "README.md", "report.json": analysis / "report.json"}
+    expected |= {f"plots/{p.name}": p for p in (analysis / "plots").glob("*.png")}
+    expected |= {f.name: f for f in (run / "parent" / "final").iterdir() if f.is_file()}
+    expected |= {f"children/{w.parent.parent.parent.name}/{w.parent.parent.name}/model.safetensors": w
+                 for w in run.glob("children/t*/c*/final/model.safetensors")}
+    assert set(files) == set(expected)
+    for name, path in expected.items():
+        assert files[name] == path.read_bytes(), name
+    assert any(name.endswith(".safetensors") for name in files) and len(hub.lfs) >= 6  # large files went by LFS
+    # every call of the Hub's API carries the token (LFS content goes to the upload URL the batch
+    # answer gave, as with the real Hub's pre-signed URLs)
+    api = [r for r in hub.requests if "/api/repos/" in r["path"] or "/api/models/" in r["path"] or ".git/" in r["path"]]
+    assert {r["path"].split("/")[2] for r in api if r["path"].startswith("/api/")} == {"repos", "models"}
+    assert all(r["authorization"] == f"Bearer {TOKEN}" for r in api)
+    # the token is nowhere in the output or the run directory, and the run is unchanged
+    assert TOKEN not in result.stdout + result.stderr
+    assert "Pushed: " in result.stdout
+    assert _digests(run) == before
+    for path in run.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize("status, message", [(401, "the token was refused"), (500, "the Hub failed on its side")])
+def test_a_refusing_hub_gives_a_clear_error_and_leaves_the_report_untouched(analysed_run, tmp_path, status, message):
+    run = _copy(analysed_run[0], tmp_path)
+    before = _digests(run)
+    with HubServer() as hub:
+        hub.fail_with = status
+        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1",
+                   HF_HOME=str(tmp_path / "hf_home"))
+        result = subprocess.run([sys.executable, "-m", "hf_stability.cli", "push", str(run), "--repo_id", "me/study"],
+                                env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert f"HTTP {status}" in result.stderr and message in result.stderr and "Nothing local was changed" in result.stderr
+    assert TOKEN not in result.stdout + result.stderr
+    assert _digests(run) == before and not list(run.glob(".hf-stability-push-*"))
+
+
+def test_invalid_repo_id_or_missing_token_is_refused_before_any_request(analysed_run, monkeypatch):
+    run, _ = analysed_run
+    with HubServer() as hub:
+        with pytest.raises(PushError, match="Invalid repo id 'a/b/c'"):
+            push_report(run, "a/b/c", endpoint=hub.url)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.setenv("HF_HOME", str(run.parent / "empty_hf_home"))
+        with pytest.raises(PushError, match="No Hugging Face token"):
+            push_report(run, "me/study", endpoint=hub.url)
+    assert hub.requests == []
+
+
+def test_bad_reports_give_errors_that_say_what_to_run(analysed_run, tmp_path):
+    run = _copy(analysed_run[0], tmp_path)
+    path = run / "analysis" / "report.json"
+    good = json.loads(path.read_text())
+    path.write_text(json.dumps({**good, "schema_version": 99}))
+    with pytest.raises(ReportError, match="schema version 99, newer than this hf_stability reads"):
+        write_report(run)
+    broken = dict(good)
+    del broken["divergence"]
+    path.write_text(json.dumps(broken))
+    with pytest.raises(ReportError, match="lacks the field 'divergence'.*hf-stability analyze"):
+        write_report(run)
+    del good["run"]["spawn_steps"]
+    path.write_text(json.dumps(good))
+    with pytest.raises(ReportError, match="lacks the field 'run.spawn_steps'"):
+        write_report(run)
+    shutil.rmtree(run / "analysis")
+    result = subprocess.run([sys.executable, "-m", "hf_stability.cli", "report", str(run)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "has no analysis/report.json: run `hf-stability analyze" in result.stderr
+    with pytest.raises(PushError, match="has no rendered report: run `hf-stability report"):
+        push_report(run, "me/study")
+
+
+def test_stability_trainer_model_card_gets_the_stability_section(analysed_run):
+    run, trainer = analysed_run
+    trainer.create_model_card(license="apache-2.0", model_name="tiny-study")
+    card = ModelCard.load(run / "README.md")
+    assert "## Training stability (hf_stability)" in card.text
+    assert "children spawned at step 0" in card.text and "(analysis/plots/barrier_vs_spawn_step.png)" in card.text
+    assert "hf-stability" in card.data.tags and card.data.license == "apache-2.0"
