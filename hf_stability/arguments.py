@@ -75,6 +75,11 @@ class StabilityArguments:
     analysis_eval_samples: int | None = field(
         default=None, metadata={"help": "Evaluation examples saved in RUN/data/eval (default: all)."}
     )
+    parallel_children: int = field(
+        default=1,
+        metadata={"help": "Train up to this many children of one spawn step together on one device, as one "
+                  "stacked model (torch.func.vmap); 1 trains them one after the other. See docs/parallel_children.md."},
+    )
     base_model: str | None = field(
         default=None, metadata={"help": "Hub id of the model being fine-tuned, for the report card's metadata."}
     )
@@ -97,6 +102,8 @@ class StabilityArguments:
         self.spawn_steps = sorted(set(steps))
         if self.num_children < 0:
             raise PerturbationConfigError(f"num_children must be >= 0, got {self.num_children}.")
+        if self.parallel_children < 1:
+            raise PerturbationConfigError(f"parallel_children must be >= 1, got {self.parallel_children}.")
         if self.num_children == 0 and not self.control_child:
             raise PerturbationConfigError("No child to train: set num_children >= 1 or control_child=True.")
         if self.divergence_every < 0:

@@ -44,6 +44,11 @@ def l2_to_file(model: nn.Module, path: str | Path) -> float:
     accumulated in float64."""
     params = named_floating_parameters(model)
     total = 0.0
+    if not Path(path).is_file():
+        raise RunDirectoryError(
+            f"The parent's weights at this step ({path}) are gone: a finished study deletes parent/trajectory "
+            "unless keep_parent_trajectory=True. To train children again, keep it, or re-run with --overwrite_run."
+        )
     with torch.no_grad(), safe_open(str(path), framework="pt", device="cpu") as f:
         keys = set(f.keys())
         missing = [name for name in params if name not in keys]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import enable_full_determinism, set_seed
@@ -22,7 +24,7 @@ from .atomic_io import atomic_directory, save_tensors, write_json
 from .callback import PerturbationCallback
 from .divergence import DivergenceCallback, ParentTrajectoryCallback, divergence_steps, named_floating_parameters
 from .errors import ChildDivergedError, HfStabilityError, RunDirectoryError, SpawnStepError
-from .perturb import WEIGHT_KINDS, init_scales, select_parameters
+from .perturb import WEIGHT_KINDS, init_scales, perturb_model, select_parameters
 from .run_directory import (
     EVAL_RESULTS_NAME,
     FORMAT_VERSION,
@@ -45,9 +47,13 @@ _NON_IDENTITY_ARGS = {
     "resume_from_checkpoint", "skip_memory_metrics", "include_num_input_tokens_seen", "project", "trackio_space_id",
     "log_level", "log_level_replica", "log_on_each_node", "do_train", "do_eval", "do_predict",
 }
+_VOLATILE_CONFIG_KEYS = (
+    "_name_or_path", "name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "problem_type",
+    "use_cache",
+)
 _NON_IDENTITY_STABILITY = {
     "overwrite_run", "keep_parent_trajectory", "keep_child_checkpoints", "divergence_every",
-    "analysis_train_samples", "analysis_eval_samples", "base_model", "dataset_name",
+    "analysis_train_samples", "analysis_eval_samples", "base_model", "dataset_name", "parallel_children",
 }
 
 
@@ -153,6 +159,23 @@ class StabilityTrainer(Trainer):
             raise ChildDivergedError(self.state.global_step + 1, f"training loss is {float(loss)}")
         return loss
 
+    def _clip_grad_norm(self, model: torch.nn.Module) -> Any:
+        """Stacked children are clipped each on its own (a joint norm would mix them)."""
+        from .parallel_children import StackedModel, clip_per_child
+
+        if isinstance(self.model, StackedModel):
+            return clip_per_child(self.model, self.args.max_grad_norm)
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
+        """For stacked children: the mean of the children's norms, without rescaling any gradient
+        (the Trainer's own norm would multiply every child's gradients by a NaN child's NaN)."""
+        from .parallel_children import StackedModel, clip_per_child
+
+        if isinstance(self.model, StackedModel):
+            return grad_norm if grad_norm is not None else clip_per_child(self.model, None)
+        return super()._get_grad_norm(model, grad_norm)
+
     # ---- butterfly --------------------------------------------------------------------------
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """The Trainer's own model card (what ``push_to_hub`` uploads), plus a stability section
@@ -212,10 +235,16 @@ class StabilityTrainer(Trainer):
                 total=len(jobs), desc="children", unit="child", disable=not self.is_world_process_zero(), position=0
             )
             with progress:
-                for t, k in jobs:
-                    if run.child_status(t, k) == "pending":
-                        self._train_child(run, t, k, max_steps)
-                    progress.update(1)
+                for t in sargs.spawn_steps:
+                    pending = [k for k in sargs.child_indices() if run.child_status(t, k) == "pending"]
+                    progress.update(len(sargs.child_indices()) - len(pending))
+                    width = sargs.parallel_children
+                    for group in [pending[i : i + width] for i in range(0, len(pending), width)]:
+                        if len(group) > 1:
+                            self._train_children_stacked(run, t, group, max_steps)
+                        else:
+                            self._train_child(run, t, group[0], max_steps)
+                        progress.update(len(group))
         finally:
             self.args.output_dir, self.args.save_total_limit = saved
 
@@ -265,11 +294,161 @@ class StabilityTrainer(Trainer):
             )
         if self.train_dataset is None:
             raise HfStabilityError("butterfly() needs a train_dataset.")
+        if self.stability_args.parallel_children > 1:
+            self._check_parallel_children()
         config = self.stability_args.perturbation_config()
         if config.kind in WEIGHT_KINDS:  # fail now, not after the parent has trained
             selected = select_parameters(self.model, config.include, config.exclude)
             if config.scale_mode == "init":
                 init_scales(self.model, list(selected))
+
+    def _check_parallel_children(self) -> None:
+        """Refuse, before anything trains, what stacked children cannot do as single children would."""
+        from .parallel_children import ELEMENTWISE_OPTIMIZERS, available_bytes, estimate_bytes
+
+        sargs, args = self.stability_args, self.args
+        problems = []
+        if sargs.perturbation_kind in ("data_order", "dropout"):
+            problems.append(f"perturbation_kind={sargs.perturbation_kind!r} gives each child its own data order or "
+                            "dropout stream, and a stacked model sees one")
+        if args.world_size > 1:
+            problems.append("it runs on one device (this run has several processes)")
+        if str(getattr(args.optim, "value", args.optim)) not in ELEMENTWISE_OPTIMIZERS:
+            problems.append(f"optim={args.optim!r}: only AdamW ({', '.join(ELEMENTWISE_OPTIMIZERS)}) is elementwise, "
+                            "so that one optimizer over the stacked tensors is one optimizer per child")
+        for flag in ("gradient_checkpointing", "torch_compile", "deepspeed", "fsdp"):
+            if getattr(args, flag, None):
+                problems.append(f"{flag} is not supported for stacked children")
+        if not all(hasattr(Trainer, hook) for hook in ("_clip_grad_norm", "_get_grad_norm")):
+            problems.append("this transformers version has no Trainer._clip_grad_norm/_get_grad_norm, through which "
+                            "the children are clipped one by one; upgrade transformers")
+        if self.compute_loss_func is not None or type(self).compute_loss is not StabilityTrainer.compute_loss:
+            problems.append("a custom loss (compute_loss_func or an overridden compute_loss) sees all children at once")
+        if problems:
+            raise HfStabilityError(
+                f"parallel_children={sargs.parallel_children} cannot be used here: " + "; ".join(problems)
+                + ". Set parallel_children=1 to train the children one after the other."
+            )
+        model = self.model if self.model is not None else self.call_model_init()
+        device = args.device
+        seq_len = None
+        try:  # the real sequence length of a batch, for the activations' share of the estimate
+            first = next(iter(self.get_train_dataloader()))
+            seq_len = int(first["input_ids"].shape[-1]) if "input_ids" in first else None
+        except (StopIteration, KeyError, TypeError, AttributeError):
+            pass
+        need = estimate_bytes(model, sargs.parallel_children, args, seq_len)
+        have = available_bytes(device)
+        if need > 0.9 * have:
+            raise HfStabilityError(
+                f"parallel_children={sargs.parallel_children} needs about {need / 2**30:.1f} GiB on {device} "
+                f"(weights, gradients and AdamW state of every child plus one batch of activations each), and "
+                f"{have / 2**30:.1f} GiB are free. Lower parallel_children or the batch size."
+            )
+
+    def _train_children_stacked(self, run: RunDirectory, t: int, children: list[int], max_steps: int) -> None:
+        """Train ``children`` of spawn step ``t`` as one stacked model (parallel_children.py), then
+        write each child's final/ like a child trained alone. A killed group restarts from the
+        spawn checkpoint."""
+        from safetensors.torch import load_file, save_file
+
+        from .parallel_children import (
+            ChildDivergenceCallback,
+            ChildLossCallback,
+            StackedModel,
+            stacked_optimizer_state,
+            unstack_into,
+        )
+
+        sargs = self.stability_args
+        spawn = run.parent_checkpoint(t)
+        if not is_complete_checkpoint(spawn):
+            raise RunDirectoryError(
+                f"The spawn checkpoint {spawn} is missing or incomplete. Re-run with --overwrite_run to train the "
+                "parent again."
+            )
+        original_model, original_init = self.model, self.model_init
+        template = original_model if original_model is not None else self.call_model_init()
+        # The dataset columns the model takes come from its forward signature: read them now, from the
+        # real model, not later from the stacked model's forward(**inputs).
+        self._set_signature_columns_if_needed()
+        weights = load_file(str(spawn / "model.safetensors"))
+        models, dataloader = [], None
+        for k in children:
+            directory = run.child_dir(t, k)
+            directory.mkdir(parents=True, exist_ok=True)
+            for stale in directory.glob("checkpoint-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            model = copy.deepcopy(template)
+            model.load_state_dict(weights, strict=False)
+            config = sargs.config_for_child(k)
+            batch = None
+            if config.kind == "batch":
+                from .callback import _independent_batch
+
+                dataloader = dataloader or self.get_train_dataloader()
+                batch = _independent_batch(dataloader, config, t, k)
+            record = perturb_model(model, config, step=t, child=k, batch=batch)
+            write_json(directory / "perturbation.json", record.to_dict())
+            models.append(model)
+        stacked = StackedModel(models)
+        del models
+
+        group_dir = run.child_dir(t, children[0]).parent / f".stacked-{'-'.join(map(str, children))}"
+        shutil.rmtree(group_dir, ignore_errors=True)
+        checkpoint = group_dir / f"checkpoint-{t}"
+        checkpoint.mkdir(parents=True)
+        save_file({n: v.contiguous() for n, v in stacked.state_dict().items()}, str(checkpoint / "model.safetensors"),
+                  metadata={"format": "pt"})
+        torch.save(stacked_optimizer_state(spawn / "optimizer.pt", len(children)), checkpoint / "optimizer.pt")
+        for name in ("scheduler.pt", "rng_state.pth", "trainer_state.json", "scaler.pt"):
+            if (spawn / name).is_file():
+                shutil.copy2(spawn / name, checkpoint / name)
+
+        diverged: dict[int, dict[str, Any]] = {}
+        callbacks: list[TrainerCallback] = [ChildLossCallback(children, diverged)]
+        for index, k in enumerate(children):
+            callbacks.append(ChildDivergenceCallback(
+                index, k, diverged,
+                spawn_step=t,
+                steps=divergence_steps(t, max_steps, sargs.divergence_every),
+                path_for=lambda step: self._reference_file(run, step),
+                output_file=run.child_dir(t, k) / "divergence.jsonl",
+            ))
+        saved_strategies = (self.args.save_strategy, self.args.eval_strategy)
+        # no intermediate checkpoints or evaluations of the stack: each child is evaluated at the end
+        self.args.save_strategy = self.args.eval_strategy = "no"
+        self.model = self.model_wrapped = stacked
+        if original_init is not None:
+            # Build (and drop) one model as train() would: the global RNG then stands where it stands
+            # for a child trained alone (the data sampler draws its seed from it).
+            def stacked_init() -> nn.Module:
+                self.model_init = original_init
+                try:
+                    self.call_model_init()
+                finally:
+                    self.model_init = stacked_init
+                return stacked
+
+            self.model_init = stacked_init
+        try:
+            self._train_run(group_dir, callbacks, checkpoint)
+        finally:
+            self.args.save_strategy, self.args.eval_strategy = saved_strategies
+            self.model_init = original_init
+            self.callback_handler.callbacks = [
+                cb for cb in self.callback_handler.callbacks if not isinstance(cb, ChildLossCallback)
+            ]
+        for index, k in enumerate(children):
+            if k in diverged:
+                logger.warning("Child %d of spawn step %d diverged at step %d (%s); going on.", k, t,
+                               diverged[k]["step"], diverged[k]["reason"])
+                write_json(run.child_dir(t, k) / "diverged.json", diverged[k])
+                continue
+            self.model = self.model_wrapped = unstack_into(stacked, index, template)
+            self._finalize(run.child_final(t, k))
+        self.model = self.model_wrapped = original_model if original_model is not None else template
+        shutil.rmtree(group_dir, ignore_errors=True)
 
     def _planned_max_steps(self) -> int:
         if self.args.max_steps > 0:
@@ -285,7 +464,9 @@ class StabilityTrainer(Trainer):
         model_info: dict[str, Any] = {"class": type(model).__name__}
         if model_config is not None and hasattr(model_config, "to_dict"):
             config_dict = model_config.to_dict()
-            for key in ("_name_or_path", "transformers_version", "name_or_path"):
+            # keys that say where the model came from, or that training and saving fill in
+            # (a second butterfly() on the same model must find the same configuration)
+            for key in _VOLATILE_CONFIG_KEYS:
                 config_dict.pop(key, None)
             model_info["config"] = config_dict
         dataset = self.train_dataset
@@ -411,8 +592,7 @@ class StabilityTrainer(Trainer):
         self.args.output_dir = str(output_dir)
         self.optimizer, self.lr_scheduler = None, None
         enable_full_determinism(self.args.seed) if self.args.full_determinism else set_seed(self.args.seed)
-        for callback in callbacks:
-            self.add_callback(callback)
+        self.callback_handler.callbacks.extend(callbacks)  # (add_callback warns on a second instance of a class)
         try:
             self.train(resume_from_checkpoint=str(resume) if resume is not None else None)
         finally:

@@ -252,3 +252,13 @@ def test_butterfly_refuses_settings_that_break_the_comparison(tmp_path):
     )
     with pytest.raises(HfStabilityError, match="fresh optimizer"):
         trainer.butterfly()
+
+
+def test_a_second_butterfly_on_the_same_trainer_finds_its_own_run(tmp_path):
+    # training fills in config fields (architectures, problem_type...): they are not the run's identity
+    trainer = _tiny_trainer(tmp_path, StabilityArguments(spawn_steps=[2], num_children=1))
+    first = trainer.butterfly()
+    again = trainer.butterfly()
+    assert [(c.spawn_step, c.child, c.status) for c in again.children] == [
+        (c.spawn_step, c.child, c.status) for c in first.children
+    ]

@@ -1,0 +1,104 @@
+"""Children throughput: 16 children of one spawn step (15 perturbed + the control) of a
+MiniLM-shaped BERT (6 layers, 384 hidden, 12 heads; random init, synthetic tokens), trained
+one after the other (parallel_children=1) and K at a time as one stacked model (K = 4, 8, 16).
+
+The parent is trained once; each setting then trains only the children (the run directory's
+parent is reused: parallel_children does not change the run's identity). Reports wall time,
+child-steps per second, the ratio to sequential and peak GPU memory. Prints and writes JSON.
+
+    python benchmarks/children_throughput.py [--steps 60] [--batch 32] [--seq-len 128] [--output FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+
+from hf_stability import StabilityArguments, StabilityTrainer
+from hf_stability.errors import HfStabilityError
+
+
+def _data(n: int, seq_len: int, seed: int) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 30000, (n, seq_len), generator=g)
+    ids[:, 0] = 101
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
+                              "labels": torch.randint(0, 3, (n,), generator=g).tolist()})
+
+
+def _model() -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                                    intermediate_size=1536, num_labels=3))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--ks", default="1,4,8,16")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+    train, test = _data(args.batch * args.steps, args.seq_len, 0), _data(256, args.seq_len, 1)
+    root = Path(tempfile.mkdtemp(prefix="children-throughput-"))
+    children, rows = 16, []
+    try:
+        for k in [int(x) for x in args.ks.split(",")]:
+            for child_dir in root.glob("children/*"):
+                shutil.rmtree(child_dir)
+            trainer = StabilityTrainer(
+                model_init=_model,
+                args=TrainingArguments(str(root), max_steps=args.steps, per_device_train_batch_size=args.batch,
+                                       per_device_eval_batch_size=128, learning_rate=1e-4, warmup_steps=5,
+                                       bf16=args.bf16, save_strategy="no", report_to="none", logging_steps=20,
+                                       disable_tqdm=True, seed=0),
+                train_dataset=train, eval_dataset=test,
+                stability_args=StabilityArguments(spawn_steps=[0], num_children=children - 1, parallel_children=k,
+                                                  perturbation_scale=0.01, divergence_every=20,
+                                                  keep_parent_trajectory=True),
+            )
+            if not (root / "parent" / "final").is_dir():
+                trainer.butterfly()  # the parent (and a first set of children, discarded)
+                for child_dir in root.glob("children/*"):
+                    shutil.rmtree(child_dir)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            try:
+                trainer.butterfly()
+            except HfStabilityError as err:  # a K refused before training (memory estimate)
+                rows.append({"parallel_children": k, "refused": str(err)})
+                print(f"K={k:>2}: refused: {err}")
+                continue
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
+            rows.append({"parallel_children": k, "seconds": seconds, "child_steps_per_s": children * args.steps / seconds,
+                         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30})
+            print(f"K={k:>2}: {seconds:7.1f} s for {children} children x {args.steps} steps, "
+                  f"{rows[-1]['child_steps_per_s']:7.1f} child-steps/s, peak {rows[-1]['peak_gpu_gib']:.2f} GiB")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    sequential = next((r["seconds"] for r in rows if r["parallel_children"] == 1), None)
+    for row in rows:
+        if "seconds" in row:
+            row["time_vs_sequential"] = row["seconds"] / sequential if sequential else None
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "children": children,
+              "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "bf16": args.bf16, "runs": rows}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

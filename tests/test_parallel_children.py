@@ -1,0 +1,84 @@
+"""Parallel children (StabilityArguments.parallel_children): K children of a spawn step trained
+as one stacked model end as they would alone, and what the mode cannot do is refused."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+from helpers import tiny_bert, training_args, tweets
+from safetensors.torch import load_file
+
+from hf_stability import StabilityArguments, StabilityTrainer
+from hf_stability.errors import HfStabilityError
+
+
+def _study(out, parallel, **overrides):
+    train, test = tweets()
+    stability = dict(spawn_steps=[0, 5], num_children=3, perturbation_scale=0.5, divergence_every=5,
+                     parallel_children=parallel)
+    stability.update(overrides.pop("stability", {}))
+    trainer = StabilityTrainer(
+        model_init=lambda: tiny_bert(0),  # dropout 0.1: the stacked children must draw the masks a child alone draws
+        args=training_args(out, **{"max_steps": 20, "learning_rate": 3e-3, "max_grad_norm": 0.5, **overrides}),
+        train_dataset=train,
+        eval_dataset=test,
+        stability_args=StabilityArguments(**stability),
+    )
+    return trainer.butterfly()
+
+
+def _relative(a_dir, b_dir) -> float:
+    a, b = load_file(str(a_dir / "model.safetensors")), load_file(str(b_dir / "model.safetensors"))
+    assert a.keys() == b.keys()
+    num = sum(float((a[n].double() - b[n].double()).pow(2).sum()) for n in a)
+    den = sum(float(a[n].double().pow(2).sum()) for n in a)
+    return math.sqrt(num / den)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"gradient_accumulation_steps": 2, "lr_scheduler_type": "cosine"},
+     {"stability": {"perturbation_kind": "batch", "perturbation_scale": 0.1}}],
+    ids=["plain", "grad-accumulation-cosine", "batch-perturbation"],
+)
+def test_stacked_children_end_as_sequential_children(tmp_path, overrides):
+    alone = _study(tmp_path / "alone", 1, **copy.deepcopy(overrides)).run_dir
+    stacked = _study(tmp_path / "stacked", 4, **copy.deepcopy(overrides)).run_dir
+    for t in (0, 5):
+        for k in range(4):  # child 0 is the control
+            assert _relative(alone / f"children/t{t}/c{k}/final", stacked / f"children/t{t}/c{k}/final") < 1e-6
+            assert (json.loads((stacked / f"children/t{t}/c{k}/perturbation.json").read_text())
+                    == json.loads((alone / f"children/t{t}/c{k}/perturbation.json").read_text()))
+            rows = [json.loads(line) for line in (stacked / f"children/t{t}/c{k}/divergence.jsonl").read_text().splitlines()]
+            expected = [json.loads(line) for line in (alone / f"children/t{t}/c{k}/divergence.jsonl").read_text().splitlines()]
+            assert [r["step"] for r in rows] == [r["step"] for r in expected]
+            # within 1e-6 of the weights' own norm (about 20 here): the control's 0 becomes ~1e-6
+            assert [r["l2"] for r in rows] == pytest.approx([r["l2"] for r in expected], rel=1e-6, abs=2e-5)
+        # the control child still equals the parent
+        assert _relative(stacked / "parent/final", stacked / f"children/t{t}/c0/final") < 1e-6
+    assert not list(stacked.glob("children/t*/.stacked-*"))  # the group's scratch checkpoint is gone
+
+
+def test_a_nan_child_in_a_stack_is_marked_diverged_and_its_siblings_finish(tmp_path):
+    result = _study(tmp_path / "run", 3, max_steps=8, stability=dict(
+        spawn_steps=[4], num_children=2, perturbation_scale=1e20, perturbation_scale_mode="absolute",
+        perturbation_include=["word_embeddings"]))
+    status = {(r.spawn_step, r.child): r.status for r in result.children}
+    assert status == {(4, 0): "done", (4, 1): "diverged", (4, 2): "diverged"}
+    diverged = json.loads((result.run_dir / "children/t4/c1/diverged.json").read_text())
+    assert diverged["step"] == 5 and "training loss is nan" in diverged["reason"]
+    assert _relative(result.run_dir / "parent/final", result.run_dir / "children/t4/c0/final") < 1e-6
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"stability": {"perturbation_kind": "data_order"}}, "own data order or dropout stream"),
+    ({"optim": "sgd"}, "only AdamW"),
+    ({"stability": {"parallel_children": 10**6}}, r"needs about [0-9.]+ GiB .* GiB are free"),
+])
+def test_what_stacked_children_cannot_do_is_refused_before_training(tmp_path, change, message):
+    with pytest.raises(HfStabilityError, match=message):
+        _study(tmp_path / "run", 2, **change)
+    assert not (tmp_path / "run" / "parent").exists()
