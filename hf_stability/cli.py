@@ -86,22 +86,15 @@ SUMMARY_COLUMNS = (
 )
 
 
-def _cell(value, width: int) -> str:
-    """A control's number, or a children's {mean, std} cell; n/a where the report has none."""
-    if isinstance(value, dict):
-        text = f"{value['mean']:.4g} +- {value['std']:.2g}" if value.get("mean") is not None else "n/a"
-    else:
-        text = f"{value:.4g}" if value is not None else "n/a"
-    return text.rjust(width)
-
-
 def _format_summary(report: dict) -> str:
+    from .report.findings import format_value
+
     header = f"{'spawn step':>10}  {'who':<9}  " + "  ".join(f"{title:>{width}}" for title, _, width in SUMMARY_COLUMNS)
     lines = [header, "-" * len(header)]
     for row in report["summary"]:
         for who, values in (("control", row["control"]), ("children", row["children"])):
             if values:
-                cells = "  ".join(_cell(values.get(key), width) for _, key, width in SUMMARY_COLUMNS)
+                cells = "  ".join(format_value(values.get(key)).rjust(width) for _, key, width in SUMMARY_COLUMNS)
                 lines.append(f"{row['spawn_step']:>10}  {who:<9}  {cells}")
     return "\n".join(lines)
 

@@ -8,7 +8,9 @@ import torch
 from datasets import Dataset
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
+from hf_stability import StabilityArguments, StabilityTrainer
 from hf_stability.data import load_tokenizer, load_tweet_sentiment
+from hf_stability.metrics import classification_metrics
 
 
 def tiny_bert_config(**overrides) -> BertConfig:
@@ -69,6 +71,19 @@ def training_args(output_dir, **overrides) -> TrainingArguments:
     )
     values.update(overrides)
     return TrainingArguments(**values)
+
+
+def tiny_trainer(out, stability: StabilityArguments | None = None, **overrides) -> StabilityTrainer:
+    """A StabilityTrainer of the tiny BERT on the real tweets; ``overrides`` go to training_args."""
+    train, test = tweets()
+    return StabilityTrainer(
+        model_init=lambda: tiny_bert(0),
+        args=training_args(out, **overrides),
+        train_dataset=train,
+        eval_dataset=test,
+        compute_metrics=classification_metrics(),
+        stability_args=stability or StabilityArguments(spawn_steps=[0, 5], num_children=2, divergence_every=4),
+    )
 
 
 def model_state(model) -> dict[str, torch.Tensor]:

@@ -28,7 +28,9 @@ from hf_stability.analysis.alignment import (
     identity_permutation,
     objective,
     permutation_spec,
+    permute_state,
     random_permutation,
+    register_spec,
     supported_architectures,
     weight_matching,
 )
@@ -227,3 +229,38 @@ def test_mismatched_configs_and_missing_tensors_are_named():
     split[name] = torch.cat([split[name][1:], split[name][:1]])  # crosses head boundaries
     with pytest.raises(ArchitectureMismatchError, match="heads must stay whole"):
         apply_permutation(a, split, spec)
+
+
+def test_permute_state_gives_the_state_dict_of_the_permuted_model(minilm):
+    spec, perm, permuted = _planted(minilm, seed=6)
+    state = permute_state({n: p.detach() for n, p in minilm.named_parameters()}, spec, perm)
+    for name, tensor in permuted.named_parameters():
+        assert torch.equal(state[name], tensor.detach()), name
+
+
+def test_a_registered_family_is_used_by_permutation_spec():
+    from hf_stability.analysis.alignment.specs import FAMILIES, SpecBuilder
+
+    class TwoLayerMLP(torch.nn.Sequential):
+        pass
+
+    def mlp_spec(model):
+        builder = SpecBuilder(model, "two-layer MLP")
+        hidden = builder.plain("hidden", model[0].out_features)
+        builder.linear("0", None, hidden)
+        builder.linear("2", hidden, None)
+        return builder.finish()
+
+    register_spec("two-layer MLP (test)", lambda m: isinstance(m, TwoLayerMLP))(mlp_spec)
+    try:
+        torch.manual_seed(0)
+        model = TwoLayerMLP(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        spec = permutation_spec(model)
+        assert spec.architecture == "two-layer MLP" and "two-layer MLP (test)" in supported_architectures()
+        permuted = apply_permutation(model, random_permutation(spec, torch.Generator().manual_seed(1)), spec)
+        x = torch.randn(5, 4)
+        assert torch.allclose(permuted(x), model(x), atol=1e-6) and not torch.equal(permuted[0].weight, model[0].weight)
+        found = weight_matching(model, permuted, spec, device="cpu")
+        assert l2_distance(model, apply_permutation(permuted, found.permutation, spec)).l2 == pytest.approx(0, abs=1e-6)
+    finally:
+        FAMILIES[:] = [f for f in FAMILIES if f.description != "two-layer MLP (test)"]

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port, tiny_bert, training_args, tweets
+from helpers import free_port, tiny_bert, tiny_trainer, tweets
 from torch import nn
 
-from hf_stability import ArchitectureMismatchError, StabilityArguments, StabilityTrainer
+from hf_stability import ArchitectureMismatchError, StabilityArguments
 from hf_stability.analysis import (
     AnalyzeArguments,
     EvalData,
@@ -27,7 +27,7 @@ from hf_stability.analysis import (
     linear_cka,
 )
 from hf_stability.errors import AnalysisDataError, RunDirectoryError
-from hf_stability.metrics import classification_metrics, load_metric
+from hf_stability.metrics import load_metric
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -170,16 +170,8 @@ def test_empty_or_unlabelled_data_is_refused(models_and_data):
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    train, test = tweets()
-    trainer = StabilityTrainer(
-        model_init=lambda: tiny_bert(0),
-        args=training_args(out, max_steps=8, learning_rate=3e-3),
-        train_dataset=train,
-        eval_dataset=test,
-        compute_metrics=classification_metrics(),
-        stability_args=StabilityArguments(spawn_steps=[0, 4], num_children=2, perturbation_scale=0.5, divergence_every=4),
-    )
-    trainer.butterfly()
+    stability = StabilityArguments(spawn_steps=[0, 4], num_children=2, perturbation_scale=0.5, divergence_every=4)
+    tiny_trainer(out, stability, max_steps=8, learning_rate=3e-3).butterfly()
     return out
 
 

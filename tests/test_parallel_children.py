@@ -8,26 +8,20 @@ import json
 import math
 
 import pytest
-from helpers import tiny_bert, training_args, tweets
+from helpers import tiny_trainer
 from safetensors.torch import load_file
 
-from hf_stability import StabilityArguments, StabilityTrainer
+from hf_stability import StabilityArguments
 from hf_stability.errors import HfStabilityError
 
 
 def _study(out, parallel, **overrides):
-    train, test = tweets()
     stability = dict(spawn_steps=[0, 5], num_children=3, perturbation_scale=0.5, divergence_every=5,
                      parallel_children=parallel)
     stability.update(overrides.pop("stability", {}))
-    trainer = StabilityTrainer(
-        model_init=lambda: tiny_bert(0),  # dropout 0.1: the stacked children must draw the masks a child alone draws
-        args=training_args(out, **{"max_steps": 20, "learning_rate": 3e-3, "max_grad_norm": 0.5, **overrides}),
-        train_dataset=train,
-        eval_dataset=test,
-        stability_args=StabilityArguments(**stability),
-    )
-    return trainer.butterfly()
+    # the tiny BERT has dropout 0.1: the stacked children must draw the masks a child alone draws
+    training = {"max_steps": 20, "learning_rate": 3e-3, "max_grad_norm": 0.5, **overrides}
+    return tiny_trainer(out, StabilityArguments(**stability), **training).butterfly()
 
 
 def _relative(a_dir, b_dir) -> float:

@@ -12,15 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import tiny_bert, training_args, tweets
+from helpers import tiny_trainer
 from hub_server import HubServer
 from huggingface_hub import ModelCard
 from PIL import Image
 
-from hf_stability import StabilityArguments, StabilityTrainer
+from hf_stability import StabilityArguments
 from hf_stability.analysis import AnalyzeArguments, analyze_run
 from hf_stability.errors import PushError, ReportError
-from hf_stability.metrics import classification_metrics
 from hf_stability.report import load_report, push_report, spawn_findings, write_report
 
 TOKEN = "hf_testTOKEN_5f1d2c9a0b7e"
@@ -29,17 +28,9 @@ TOKEN = "hf_testTOKEN_5f1d2c9a0b7e"
 @pytest.fixture(scope="module")
 def analysed_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "run"
-    train, test = tweets()
-    trainer = StabilityTrainer(
-        model_init=lambda: tiny_bert(0),
-        args=training_args(out, max_steps=8, learning_rate=3e-3),
-        train_dataset=train,
-        eval_dataset=test,
-        compute_metrics=classification_metrics(),
-        stability_args=StabilityArguments(spawn_steps=[0, 4], num_children=2, perturbation_scale=0.5,
-                                          divergence_every=2, base_model="google-bert/bert-base-uncased",
-                                          dataset_name="cardiffnlp/tweet_eval"),
-    )
+    stability = StabilityArguments(spawn_steps=[0, 4], num_children=2, perturbation_scale=0.5, divergence_every=2,
+                                   base_model="google-bert/bert-base-uncased", dataset_name="cardiffnlp/tweet_eval")
+    trainer = tiny_trainer(out, stability, max_steps=8, learning_rate=3e-3)
     trainer.butterfly()
     analyze_run(out, AnalyzeArguments(train_samples=32, batch_size=16, cpu=True))
     write_report(out)

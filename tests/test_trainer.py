@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import model_state, tiny_bert, training_args, tweets
+from helpers import model_state, tiny_bert, tiny_trainer, training_args, tweets
 from safetensors.torch import load_file
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
@@ -21,7 +21,6 @@ from hf_stability import (
     StabilityTrainer,
 )
 from hf_stability.divergence import LOG_KEY
-from hf_stability.metrics import classification_metrics
 from hf_stability.tasks import TextClassificationArguments, build_text_classification_trainer
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -33,18 +32,6 @@ def _weights(path):
 
 def _equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _tiny_trainer(out, stability=None, **overrides):
-    train, test = tweets()
-    return StabilityTrainer(
-        model_init=lambda: tiny_bert(0),
-        args=training_args(out, **overrides),
-        train_dataset=train,
-        eval_dataset=test,
-        compute_metrics=classification_metrics(),
-        stability_args=stability or StabilityArguments(spawn_steps=[0, 5], num_children=2, divergence_every=4),
-    )
 
 
 def test_train_is_bitwise_the_plain_trainer(tmp_path):
@@ -94,7 +81,7 @@ def test_two_identical_butterfly_runs_give_identical_weights(minilm_runs):
 
 
 def test_run_directory_follows_the_contract(tmp_path):
-    result = _tiny_trainer(tmp_path).butterfly()
+    result = tiny_trainer(tmp_path).butterfly()
     run = result.run_dir
     config = json.loads((run / "stability_config.json").read_text())
     assert config["spawn_steps"] == [0, 5] and config["children"] == [0, 1, 2] and config["max_steps"] == 12
@@ -116,7 +103,7 @@ def test_run_directory_follows_the_contract(tmp_path):
 
 
 def test_divergence_is_logged_every_n_steps_to_file_and_trainer_logs(tmp_path):
-    trainer = _tiny_trainer(tmp_path)
+    trainer = tiny_trainer(tmp_path)
     result = trainer.butterfly()
     child = result.run_dir / "children" / "t5" / "c1"
     rows = [json.loads(line) for line in (child / "divergence.jsonl").read_text().splitlines()]
@@ -170,19 +157,19 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted,
 
 
 def test_run_of_another_configuration_is_refused_unless_overwrite(tmp_path):
-    _tiny_trainer(tmp_path, max_steps=8).butterfly()
+    tiny_trainer(tmp_path, max_steps=8).butterfly()
     other = StabilityArguments(spawn_steps=[0, 5], num_children=2, perturbation_scale=0.5)
     with pytest.raises(RunConfigMismatchError, match="perturbation_scale: 0.01 -> 0.5"):
-        _tiny_trainer(tmp_path, other, max_steps=8).butterfly()
+        tiny_trainer(tmp_path, other, max_steps=8).butterfly()
     assert json.loads((tmp_path / "stability_config.json").read_text())["stability_arguments"]["perturbation_scale"] == 0.01
     other.overwrite_run = True
-    result = _tiny_trainer(tmp_path, other, max_steps=8).butterfly()
+    result = tiny_trainer(tmp_path, other, max_steps=8).butterfly()
     assert json.loads((result.run_dir / "stability_config.json").read_text())["stability_arguments"]["perturbation_scale"] == 0.5
 
 
 def test_spawn_step_at_or_beyond_training_is_refused_before_writing(tmp_path):
     with pytest.raises(SpawnStepError, match=r"at or beyond the last training step \(12\)"):
-        _tiny_trainer(tmp_path / "run", StabilityArguments(spawn_steps=[3, 12])).butterfly()
+        tiny_trainer(tmp_path / "run", StabilityArguments(spawn_steps=[3, 12])).butterfly()
     # the Trainer itself creates an empty output_dir; nothing of the study is written
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
@@ -190,7 +177,7 @@ def test_spawn_step_at_or_beyond_training_is_refused_before_writing(tmp_path):
 def test_include_pattern_matching_nothing_is_refused_before_training(tmp_path):
     stability = StabilityArguments(spawn_steps=[2], perturbation_include=[r"^decoder\."])
     with pytest.raises(NoMatchingParametersError, match="match no parameter"):
-        _tiny_trainer(tmp_path / "run", stability).butterfly()
+        tiny_trainer(tmp_path / "run", stability).butterfly()
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
@@ -204,7 +191,7 @@ def test_nan_child_is_marked_diverged_and_the_others_go_on(tmp_path, include, sc
         spawn_steps=[4], num_children=2, perturbation_scale=scale, perturbation_scale_mode="absolute",
         perturbation_include=include,
     )
-    result = _tiny_trainer(tmp_path, stability).butterfly()
+    result = tiny_trainer(tmp_path, stability).butterfly()
     status = {r.child: r.status for r in result.children}
     assert status == {0: "done", 1: "diverged", 2: "diverged"}
     diverged = json.loads((result.run_dir / "children" / "t4" / "c1" / "diverged.json").read_text())
@@ -217,7 +204,7 @@ def test_nan_child_is_marked_diverged_and_the_others_go_on(tmp_path, include, sc
 @pytest.mark.parametrize("kind", ["data_order", "dropout"])
 def test_sgd_noise_children_differ_while_control_stays_equal(tmp_path, kind):
     stability = StabilityArguments(spawn_steps=[4], num_children=1, perturbation_kind=kind)
-    result = _tiny_trainer(tmp_path, stability).butterfly()
+    result = tiny_trainer(tmp_path, stability).butterfly()
     run = result.run_dir
     parent = _weights(run / "parent" / "final")
     assert _equal(parent, _weights(run / "children/t4/c0/final"))
@@ -241,7 +228,7 @@ def test_stability_arguments_parse_with_hf_argument_parser():
 
 
 def test_butterfly_refuses_settings_that_break_the_comparison(tmp_path):
-    trainer = _tiny_trainer(tmp_path, load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps")
+    trainer = tiny_trainer(tmp_path, load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps")
     with pytest.raises(HfStabilityError, match="load_best_model_at_end"):
         trainer.butterfly()
     train, _ = tweets()
@@ -256,7 +243,7 @@ def test_butterfly_refuses_settings_that_break_the_comparison(tmp_path):
 
 def test_a_second_butterfly_on_the_same_trainer_finds_its_own_run(tmp_path):
     # training fills in config fields (architectures, problem_type...): they are not the run's identity
-    trainer = _tiny_trainer(tmp_path, StabilityArguments(spawn_steps=[2], num_children=1))
+    trainer = tiny_trainer(tmp_path, StabilityArguments(spawn_steps=[2], num_children=1))
     first = trainer.butterfly()
     again = trainer.butterfly()
     assert [(c.spawn_step, c.child, c.status) for c in again.children] == [

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .findings import FLOOR_FACTOR, spawn_findings, summary_paragraph
+from .findings import FLOOR_FACTOR, format_value, spawn_findings, summary_paragraph
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "divergence_report.md"
 TAGS = ["hf-stability", "training-stability", "butterfly-effect", "linear-mode-connectivity"]
@@ -17,17 +17,6 @@ FIGURES = {
     "metric_along_alpha.png": "Eval loss and error along the linear path",
     "cka_per_layer.png": "Linear CKA between parent and children, per layer",
 }
-
-
-def _num(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4g}"
-
-
-def _cell(stats: dict[str, Any], key: str) -> str:
-    entry = stats.get(key)
-    if not entry or entry.get("mean") is None:
-        return "n/a"
-    return f"{entry['mean']:.4g} +- {entry['std']:.2g}"
 
 
 def stability_section(report: dict[str, Any], plots: dict[str, Path] | None = None, plots_prefix: str = "plots/") -> str:
@@ -47,11 +36,11 @@ def stability_section(report: dict[str, Any], plots: dict[str, Path] | None = No
     for row in report["summary"]:
         if row["control"]:
             lines.append(f"| {row['spawn_step']} | control (noise floor) | "
-                         + " | ".join(_num(row["control"].get(k)) for k in keys) + " |")
+                         + " | ".join(format_value(row["control"].get(k)) for k in keys) + " |")
         if row["children"]:
             verdict = "another basin" if separated.get(row["spawn_step"]) else "same basin"
             lines.append(f"| {row['spawn_step']} | {row['num_children']} children ({verdict}) | "
-                         + " | ".join(_cell(row["children"], k) for k in keys) + " |")
+                         + " | ".join(format_value(row["children"].get(k)) for k in keys) + " |")
     if plots:
         lines += ["", "## Figures", ""]
         for name, caption in FIGURES.items():

@@ -52,18 +52,26 @@ def _fmt(value: float | None) -> str:
     return f"{value:.2g}" if abs(value) < 0.01 else f"{value:.2f}"
 
 
-def _stat(stats: dict[str, Any], key: str) -> tuple[float | None, float | None]:
+def summary_stat(stats: dict[str, Any], key: str) -> tuple[float | None, float | None]:
+    """(mean, std) of ``key`` in a summary row's ``children`` statistics; (None, None) if absent."""
     entry = stats.get(key) or {}
     return entry.get("mean"), entry.get("std")
+
+
+def format_value(value: Any) -> str:
+    """A table cell: a number, a children's {mean, std} as "mean +- std", or n/a."""
+    if isinstance(value, dict):
+        return f"{value['mean']:.4g} +- {value['std']:.2g}" if value.get("mean") is not None else "n/a"
+    return f"{value:.4g}" if value is not None else "n/a"
 
 
 def spawn_findings(report: dict[str, Any]) -> list[SpawnFinding]:
     parent_loss = report["parent"]["eval"]["loss"]
     found = []
     for row in report["summary"]:
-        barrier, std = _stat(row["children"], "loss_barrier_eval")
-        aligned, aligned_std = _stat(row["children"], "aligned_loss_barrier_eval")
-        l2, _ = _stat(row["children"], "l2")
+        barrier, std = summary_stat(row["children"], "loss_barrier_eval")
+        aligned, aligned_std = summary_stat(row["children"], "aligned_loss_barrier_eval")
+        l2, _ = summary_stat(row["children"], "l2")
         floor = (row["control"] or {}).get("loss_barrier_eval")
         threshold = max(FLOOR_FACTOR * max(floor or 0.0, 0.0), RELATIVE_BARRIER * parent_loss)
         found.append(SpawnFinding(

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic_io import atomic_path
+from .findings import summary_stat
 
 DPI = 150
 
@@ -37,15 +38,12 @@ def _perturbed(report: dict[str, Any], spawn_step: int) -> list[dict[str, Any]]:
             if p["spawn_step"] == spawn_step and p["kind"] == "parent-child" and not p["is_control"]]
 
 
-def _control(report: dict[str, Any], spawn_step: int) -> dict[str, Any] | None:
-    return next((p for p in report["pairs"] if p["spawn_step"] == spawn_step and p["is_control"]), None)
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return float("nan"), 0.0
-    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+def _children_and_floor(report: dict[str, Any], key: str) -> tuple[list[int], list[tuple], list[float | None]]:
+    """From the report's summary: spawn steps with perturbed children, their (mean, std) of
+    ``key`` and the control's value (the noise floor, None without a control)."""
+    rows = [row for row in report["summary"] if row["children"]]
+    stats = [tuple(float("nan") if v is None else v for v in summary_stat(row["children"], key)) for row in rows]
+    return [row["spawn_step"] for row in rows], stats, [(row["control"] or {}).get(key) for row in rows]
 
 
 def _step_axis(ax: Any, steps: list[int]) -> None:
@@ -63,12 +61,9 @@ def plot_barrier_vs_spawn_step(report: dict[str, Any], path: Path) -> Path:
     """Eval loss and error barriers of the children (mean ± std) against the spawn step, with
     the control's barrier (the noise floor) as a band from zero."""
     plt = _pyplot()
-    steps = report["run"]["spawn_steps"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, (metric, label) in zip(axes, METRICS):
-        stats = [_mean_std([p["barriers"]["eval"][metric]["barrier"] for p in _perturbed(report, t)]) for t in steps]
-        floors = [(_control(report, t) or {}).get("barriers", {}).get("eval", {}).get(metric, {}).get("barrier")
-                  for t in steps]
+        steps, stats, floors = _children_and_floor(report, f"{metric}_barrier_eval")
         if any(f is not None for f in floors):
             floor = [max(f or 0.0, 0.0) for f in floors]
             ax.fill_between(steps, 0, floor, color="0.6", alpha=0.35, step=None, label="noise floor (control child)")
@@ -172,12 +167,8 @@ def plot_aligned_vs_unaligned(report: dict[str, Any], path: Path) -> Path | None
     if method == "none":
         return None
     plt = _pyplot()
-    steps = [t for t in report["run"]["spawn_steps"] if _perturbed(report, t)]
-    before = [_mean_std([p["barriers"]["eval"]["loss"]["barrier"] for p in _perturbed(report, t)]) for t in steps]
-    after = [_mean_std([p["aligned"]["barriers"]["eval"]["loss"]["barrier"] for p in _perturbed(report, t)
-                        if p.get("aligned")]) for t in steps]
-    floors = [(_control(report, t) or {}).get("barriers", {}).get("eval", {}).get("loss", {}).get("barrier")
-              for t in steps]
+    steps, before, floors = _children_and_floor(report, "loss_barrier_eval")
+    _, after, _ = _children_and_floor(report, "aligned_loss_barrier_eval")
     x = list(range(len(steps)))
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(steps) + 2), 4.2))
     width = 0.38

@@ -8,6 +8,7 @@ from torch import nn
 from ....errors import UnsupportedArchitectureError
 from ..spec import PermutationSpec
 from . import timm_vit, transformers_encoder  # noqa: F401  (they register their families)
+from .builder import SpecBuilder
 from .registry import FAMILIES, register_spec, supported_architectures
 from .transformers_encoder import BERT_LAYOUT_TYPES
 
@@ -26,4 +27,4 @@ def permutation_spec(model: nn.Module) -> PermutationSpec:
     )
 
 
-__all__ = ["BERT_LAYOUT_TYPES", "FAMILIES", "permutation_spec", "register_spec", "supported_architectures"]
+__all__ = ["BERT_LAYOUT_TYPES", "FAMILIES", "SpecBuilder", "permutation_spec", "register_spec", "supported_architectures"]
