@@ -6,7 +6,8 @@ The parent is trained once; each setting then trains only the children (the run 
 parent is reused: parallel_children does not change the run's identity). Reports wall time,
 child-steps per second, the ratio to sequential and peak GPU memory. Prints and writes JSON.
 
-    python benchmarks/children_throughput.py [--steps 60] [--batch 32] [--seq-len 128] [--output FILE]
+    python benchmarks/children_throughput.py [--steps 60] [--batch 32] [--seq-len 128] [--bf16 | --tf32]
+        [--ks 1,4,8,16] [--output FILE]
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--ks", default="1,4,8,16")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--tf32", action="store_true", help="TF32 matmuls (TrainingArguments.tf32)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     train, test = _data(args.batch * args.steps, args.seq_len, 0), _data(256, args.seq_len, 1)
@@ -60,7 +62,7 @@ def main() -> None:
                 model_init=_model,
                 args=TrainingArguments(str(root), max_steps=args.steps, per_device_train_batch_size=args.batch,
                                        per_device_eval_batch_size=128, learning_rate=1e-4, warmup_steps=5,
-                                       bf16=args.bf16, save_strategy="no", report_to="none", logging_steps=20,
+                                       bf16=args.bf16, tf32=args.tf32 or None, save_strategy="no", report_to="none", logging_steps=20,
                                        disable_tqdm=True, seed=0),
                 train_dataset=train, eval_dataset=test,
                 stability_args=StabilityArguments(spawn_steps=[0], num_children=children - 1, parallel_children=k,
@@ -93,7 +95,7 @@ def main() -> None:
         if "seconds" in row:
             row["time_vs_sequential"] = row["seconds"] / sequential if sequential else None
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "children": children,
-              "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "bf16": args.bf16, "runs": rows}
+              "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "bf16": args.bf16, "tf32": args.tf32, "runs": rows}
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:

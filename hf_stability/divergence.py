@@ -41,14 +41,21 @@ def named_floating_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def l2_to_file(model: nn.Module, path: str | Path) -> float:
     """L2 distance between the model's floating parameters and those saved in ``path``,
-    accumulated in float64."""
-    params = named_floating_parameters(model)
-    total = 0.0
+    accumulated in float64 on the parameters' device (one transfer of the result, not of the
+    weights)."""
+    return math.sqrt(float(squared_distance_to_file(named_floating_parameters(model), path)))
+
+
+def squared_distance_to_file(params: dict[str, torch.Tensor], path: str | Path, stacked: bool = False) -> torch.Tensor:
+    """Sum of squared differences, in float64, between ``params`` and the tensors of the same
+    names in ``path``. ``stacked``: every tensor has a leading children dimension ``[K, *shape]``
+    compared with the file's ``shape``; the result then has one value per child."""
     if not Path(path).is_file():
         raise RunDirectoryError(
             f"The parent's weights at this step ({path}) are gone: a finished study deletes parent/trajectory "
             "unless keep_parent_trajectory=True. To train children again, keep it, or re-run with --overwrite_run."
         )
+    total: torch.Tensor | None = None
     with torch.no_grad(), safe_open(str(path), framework="pt", device="cpu") as f:
         keys = set(f.keys())
         missing = [name for name in params if name not in keys]
@@ -58,9 +65,25 @@ def l2_to_file(model: nn.Module, path: str | Path) -> float:
                 "Train the children with the parent's architecture."
             )
         for name, p in params.items():
-            ref = f.get_tensor(name)
-            total += float((p.detach().to("cpu", torch.float64) - ref.to(torch.float64)).pow(2).sum())
-    return math.sqrt(total)
+            device = p.device if p.device.type in ("cpu", "cuda") else torch.device("cpu")  # float64 support
+            ref = f.get_tensor(name).to(device, torch.float64)
+            diff = p.detach().to(device, torch.float64) - ref
+            part = diff.pow(2).reshape(diff.shape[0], -1).sum(1) if stacked else diff.pow(2).sum()
+            total = part if total is None else total + part.to(total.device)
+    if total is None:
+        return torch.zeros((), dtype=torch.float64)
+    return total.cpu()
+
+
+def drop_lines_after(output_file: Path, step: int, spawn_step: int) -> None:
+    """After a resume at ``step``, drop the divergence lines written past it: they are computed
+    again (the spawn step's own line too, when training restarts at the spawn step)."""
+    kept = [
+        row
+        for row in read_jsonl(output_file)
+        if row.get("step", -1) < step or (row.get("step") == step and step != spawn_step)
+    ]
+    write_jsonl(output_file, kept)
 
 
 class ParentTrajectoryCallback(TrainerCallback):
@@ -133,15 +156,8 @@ class DivergenceCallback(TrainerCallback):
         return l2
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        # After a resume, drop lines written past the checkpoint: they are computed again.
         if state.is_world_process_zero:
-            step = state.global_step
-            kept = [
-                row
-                for row in read_jsonl(self.output_file)
-                if row.get("step", -1) < step or (row.get("step") == step and step != self.spawn_step)
-            ]
-            write_jsonl(self.output_file, kept)
+            drop_lines_after(self.output_file, state.global_step, self.spawn_step)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # Right after the perturbation: the distance is the perturbation's own size.

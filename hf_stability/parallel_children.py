@@ -28,7 +28,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .divergence import DivergenceCallback, l2_to_file
+from .divergence import LOG_KEY, DivergenceCallback, drop_lines_after, squared_distance_to_file
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +59,6 @@ class StackedModel(nn.Module):
         """Child k's parameters (views into the stacked tensors), by the original names."""
         return {n: p[k] for n, p in self.template.named_parameters()}
 
-    def child_view(self, k: int) -> nn.Module:
-        return _ChildView(self, k)
-
     def _vmappable_attention(self) -> None:
         """On CUDA, fused scaled-dot-product attention draws its dropout inside the kernel, which
         vmap cannot share across children: use the eager attention there (same function)."""
@@ -87,16 +84,6 @@ class StackedModel(nn.Module):
         self.last_losses = losses.detach()
         # Sum: child k's slice of the gradient is d loss_k / d theta_k. A NaN child stays in its slice.
         return {"loss": losses.sum(), "logits": logits}
-
-
-class _ChildView:
-    """What ``l2_to_file`` reads of one child: its named parameters."""
-
-    def __init__(self, stacked: StackedModel, k: int):
-        self.stacked, self.k = stacked, k
-
-    def named_parameters(self):
-        return iter(self.stacked.child_parameters(self.k).items())
 
 
 def unstack_into(stacked: StackedModel, k: int, model: nn.Module) -> nn.Module:
@@ -159,26 +146,40 @@ def clip_per_child(model: StackedModel, max_norm: float | None) -> float:
     return float(finite.mean()) if finite.numel() else float("nan")
 
 
-class ChildDivergenceCallback(DivergenceCallback):
-    """DivergenceCallback for child ``index`` of a stacked run. A NaN or Inf distance marks the
-    child in ``diverged`` instead of stopping the other children."""
+class StackedDivergenceCallback(DivergenceCallback):
+    """Divergence of every child of a stacked run: at each divergence step the parent's file is
+    read once and compared with all K children on their device. Logged as
+    ``divergence/l2_to_parent/c<k>`` and written to each child's own file. A NaN or Inf distance
+    marks that child in ``diverged`` instead of stopping its siblings."""
 
-    def __init__(self, index: int, child: int, diverged: dict[int, dict[str, Any]], **kwargs: Any):
-        super().__init__(**kwargs)
-        self.index, self.child, self.diverged = index, child, diverged
+    def __init__(self, children: list[int], diverged: dict[int, dict[str, Any]], output_files: list[Path],
+                 **kwargs: Any):
+        super().__init__(output_file=output_files[0], **kwargs)
+        self.children, self.diverged, self.output_files = children, diverged, output_files
 
-    def _record(self, state: TrainerState, model: nn.Module) -> float:
-        l2 = l2_to_file(model.child_view(self.index), self.path_for(state.global_step))
-        if state.is_world_process_zero and self.child not in self.diverged:
-            with open(self.output_file, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": state.global_step, "l2": l2}) + "\n")
-        if not math.isfinite(l2) and self.child not in self.diverged:
-            self.diverged[self.child] = {"step": state.global_step, "reason": f"L2 distance to the parent is {l2}"}
-        return l2
+    def _record(self, state: TrainerState, model: nn.Module) -> list[float]:
+        params = {n: p for n, p in model.template.named_parameters() if p.is_floating_point()}
+        values = squared_distance_to_file(params, self.path_for(state.global_step), stacked=True).sqrt().tolist()
+        for child, output_file, l2 in zip(self.children, self.output_files, values):
+            if child in self.diverged:
+                continue
+            if state.is_world_process_zero:
+                with open(output_file, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": state.global_step, "l2": l2}) + "\n")
+            if not math.isfinite(l2):
+                self.diverged[child] = {"step": state.global_step, "reason": f"L2 distance to the parent is {l2}"}
+        return values
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if state.is_world_process_zero:
+            for output_file in self.output_files:
+                drop_lines_after(output_file, state.global_step, self.spawn_step)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if state.global_step in self.steps:
-            self.pending_logs[f"divergence/l2_to_parent/c{self.child}"] = self._record(state, kwargs["model"])
+            for child, l2 in zip(self.children, self._record(state, kwargs["model"])):
+                if child not in self.diverged or self.diverged[child]["step"] == state.global_step:
+                    self.pending_logs[f"{LOG_KEY}/c{child}"] = l2
             control.should_log = True
 
 
@@ -192,8 +193,7 @@ class ChildLossCallback(TrainerCallback):
         losses = kwargs["model"].last_losses
         if losses is None:
             return
-        for index, child in enumerate(self.children):
-            value = float(losses[index])
+        for child, value in zip(self.children, losses.tolist()):
             if not math.isfinite(value) and child not in self.diverged:
                 self.diverged[child] = {"step": state.global_step, "reason": f"training loss is {value}"}
                 logger.warning("Child %d diverged at step %d (loss %s); its siblings go on.", child,

@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,7 @@ class StabilityTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.stability_args = stability_args if stability_args is not None else StabilityArguments()
         self._training_child: tuple[int, int] | None = None
+        self._stacked_optimizer_state: dict[str, Any] | None = None
 
     # ---- Trainer hooks -------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -175,6 +177,22 @@ class StabilityTrainer(Trainer):
         if isinstance(self.model, StackedModel):
             return grad_norm if grad_norm is not None else clip_per_child(self.model, None)
         return super()._get_grad_norm(model, grad_norm)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        if self._stacked_optimizer_state is not None:
+            return  # stacked children: the stacked model already holds the perturbed weights
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Stacked children: the spawn checkpoint's optimizer state repeated for every child, and
+        its scheduler; otherwise the Trainer's own loading."""
+        if self._stacked_optimizer_state is None or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        self.optimizer.load_state_dict(self._stacked_optimizer_state)
+        scheduler = Path(checkpoint) / "scheduler.pt"
+        if scheduler.is_file():
+            self.lr_scheduler.load_state_dict(torch.load(scheduler, map_location="cpu", weights_only=True))
+        return None
 
     # ---- butterfly --------------------------------------------------------------------------
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
@@ -319,9 +337,10 @@ class StabilityTrainer(Trainer):
         for flag in ("gradient_checkpointing", "torch_compile", "deepspeed", "fsdp"):
             if getattr(args, flag, None):
                 problems.append(f"{flag} is not supported for stacked children")
-        if not all(hasattr(Trainer, hook) for hook in ("_clip_grad_norm", "_get_grad_norm")):
-            problems.append("this transformers version has no Trainer._clip_grad_norm/_get_grad_norm, through which "
-                            "the children are clipped one by one; upgrade transformers")
+        hooks = ("_clip_grad_norm", "_get_grad_norm", "_load_from_checkpoint", "_load_optimizer_and_scheduler")
+        if not all(hasattr(Trainer, hook) for hook in hooks):
+            problems.append(f"this transformers version lacks one of the Trainer methods {', '.join(hooks)}, through "
+                            "which stacked children are clipped and resumed; upgrade transformers")
         if self.compute_loss_func is not None or type(self).compute_loss is not StabilityTrainer.compute_loss:
             problems.append("a custom loss (compute_loss_func or an overridden compute_loss) sees all children at once")
         if problems:
@@ -350,11 +369,11 @@ class StabilityTrainer(Trainer):
         """Train ``children`` of spawn step ``t`` as one stacked model (parallel_children.py), then
         write each child's final/ like a child trained alone. A killed group restarts from the
         spawn checkpoint."""
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
 
         from .parallel_children import (
-            ChildDivergenceCallback,
             ChildLossCallback,
+            StackedDivergenceCallback,
             StackedModel,
             stacked_optimizer_state,
             unstack_into,
@@ -373,48 +392,54 @@ class StabilityTrainer(Trainer):
         # real model, not later from the stacked model's forward(**inputs).
         self._set_signature_columns_if_needed()
         weights = load_file(str(spawn / "model.safetensors"))
-        models, dataloader = [], None
+        configs = {k: sargs.config_for_child(k) for k in children}
+        batches: dict[int, Any] = {}
+        if any(config.kind == "batch" for config in configs.values()):
+            from .callback import _independent_batch
+
+            dataloader = self.get_train_dataloader()
+            batches = {k: _independent_batch(dataloader, configs[k], t, k) for k in children}
         for k in children:
             directory = run.child_dir(t, k)
             directory.mkdir(parents=True, exist_ok=True)
             for stale in directory.glob("checkpoint-*"):
                 shutil.rmtree(stale, ignore_errors=True)
+
+        def perturbed_child(k: int) -> nn.Module:
             model = copy.deepcopy(template)
             model.load_state_dict(weights, strict=False)
-            config = sargs.config_for_child(k)
-            batch = None
-            if config.kind == "batch":
-                from .callback import _independent_batch
+            record = perturb_model(model, configs[k], step=t, child=k, batch=batches.get(k))
+            write_json(run.child_dir(t, k) / "perturbation.json", record.to_dict())
+            return model
 
-                dataloader = dataloader or self.get_train_dataloader()
-                batch = _independent_batch(dataloader, config, t, k)
-            record = perturb_model(model, config, step=t, child=k, batch=batch)
-            write_json(directory / "perturbation.json", record.to_dict())
-            models.append(model)
+        # Weight noise is drawn from each child's own CPU generator and touches no global RNG, so the
+        # children are perturbed in threads (the draws dominate the set-up of a group). A gradient
+        # perturbation runs a forward pass, whose dropout uses the global RNG: one at a time.
+        workers = 1 if batches else min(len(children), os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            models = list(pool.map(perturbed_child, children))
         stacked = StackedModel(models)
         del models
 
+        # The group resumes from the spawn checkpoint itself (trainer state, RNG, scheduler, scaler);
+        # the weights are already in the stacked model and the optimizer state is repeated K times
+        # in memory (_load_from_checkpoint and _load_optimizer_and_scheduler below).
+        self._stacked_optimizer_state = stacked_optimizer_state(spawn / "optimizer.pt", len(children))
         group_dir = run.child_dir(t, children[0]).parent / f".stacked-{'-'.join(map(str, children))}"
         shutil.rmtree(group_dir, ignore_errors=True)
-        checkpoint = group_dir / f"checkpoint-{t}"
-        checkpoint.mkdir(parents=True)
-        save_file({n: v.contiguous() for n, v in stacked.state_dict().items()}, str(checkpoint / "model.safetensors"),
-                  metadata={"format": "pt"})
-        torch.save(stacked_optimizer_state(spawn / "optimizer.pt", len(children)), checkpoint / "optimizer.pt")
-        for name in ("scheduler.pt", "rng_state.pth", "trainer_state.json", "scaler.pt"):
-            if (spawn / name).is_file():
-                shutil.copy2(spawn / name, checkpoint / name)
+        group_dir.mkdir(parents=True)
 
         diverged: dict[int, dict[str, Any]] = {}
-        callbacks: list[TrainerCallback] = [ChildLossCallback(children, diverged)]
-        for index, k in enumerate(children):
-            callbacks.append(ChildDivergenceCallback(
-                index, k, diverged,
+        callbacks: list[TrainerCallback] = [
+            ChildLossCallback(children, diverged),
+            StackedDivergenceCallback(
+                children, diverged,
+                output_files=[run.child_dir(t, k) / "divergence.jsonl" for k in children],
                 spawn_step=t,
                 steps=divergence_steps(t, max_steps, sargs.divergence_every),
                 path_for=lambda step: self._reference_file(run, step),
-                output_file=run.child_dir(t, k) / "divergence.jsonl",
-            ))
+            ),
+        ]
         saved_strategies = (self.args.save_strategy, self.args.eval_strategy)
         # no intermediate checkpoints or evaluations of the stack: each child is evaluated at the end
         self.args.save_strategy = self.args.eval_strategy = "no"
@@ -432,8 +457,9 @@ class StabilityTrainer(Trainer):
 
             self.model_init = stacked_init
         try:
-            self._train_run(group_dir, callbacks, checkpoint)
+            self._train_run(group_dir, callbacks, spawn)
         finally:
+            self._stacked_optimizer_state = None
             self.args.save_strategy, self.args.eval_strategy = saved_strategies
             self.model_init = original_init
             self.callback_handler.callbacks = [
