@@ -62,16 +62,13 @@ def _demo(argv: Sequence[str]) -> int:
 
 
 def _train(argv: Sequence[str]) -> int:
+    from .recipe import parse_args
     from .tasks import TextClassificationArguments, build_text_classification_trainer
 
     parser = HfArgumentParser(
         (TextClassificationArguments, StabilityArguments, TrainingArguments), prog="hf-stability train"
     )
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        loader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
-        task, stability, training = loader(argv[0])
-    else:
-        task, stability, training = parser.parse_args_into_dataclasses(list(argv))
+    task, stability, training = parse_args(parser, list(argv))
     _print_result(build_text_classification_trainer(task, stability, training).butterfly())
     return 0
 

@@ -100,6 +100,45 @@ class ButterflyResult:
         return "\n".join(lines)
 
 
+def _needs_name_conversion(model: nn.Module, checkpoint: Path) -> bool:
+    """Whether the checkpoint's weight names are not the model's own (see checkpoint_state_dict)."""
+    weights = checkpoint / "model.safetensors"
+    if not weights.is_file():
+        return False
+    with safe_open(str(weights), framework="pt", device="cpu") as f:
+        return not set(f.keys()) <= set(model.state_dict())
+
+
+def checkpoint_state_dict(model: nn.Module, checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The weights of a Trainer checkpoint under the names ``model`` uses now.
+
+    ``save_pretrained`` may write older names than the module tree's (transformers 5.23's ViT
+    saves ``encoder.layer.N.attention.attention.query`` for ``layers.N.attention.q_proj``), and
+    only ``from_pretrained`` maps them back: the Trainer's own resume loads such a checkpoint with
+    ``strict=False`` and silently keeps the fresh weights of every renamed tensor.
+    """
+    from safetensors.torch import load_file
+    from transformers import PreTrainedModel
+
+    if not _needs_name_conversion(model, checkpoint):
+        return load_file(str(checkpoint / "model.safetensors"))
+    if not isinstance(model, PreTrainedModel):
+        raise RunDirectoryError(
+            f"The weights in {checkpoint} have names the {type(model).__name__} does not have: the checkpoint was "
+            "written by another architecture or library version. Re-run with --overwrite_run."
+        )
+    from .perturb.rng import preserve_global_rng
+
+    with preserve_global_rng():  # building the model must not move the RNG a resumed run restores
+        state = type(model).from_pretrained(str(checkpoint), use_safetensors=True).state_dict()
+    if set(state) != set(model.state_dict()):
+        raise RunDirectoryError(
+            f"The weights in {checkpoint} do not match the {type(model).__name__} even after from_pretrained's name "
+            "mapping: the checkpoint was written by another architecture. Re-run with --overwrite_run."
+        )
+    return state
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.6g}"
 
@@ -181,6 +220,10 @@ class StabilityTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         if self._stacked_optimizer_state is not None:
             return  # stacked children: the stacked model already holds the perturbed weights
+        target = model if model is not None else self.model
+        if _needs_name_conversion(target, Path(resume_from_checkpoint)):
+            target.load_state_dict(checkpoint_state_dict(target, Path(resume_from_checkpoint)), strict=True)
+            return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
@@ -369,8 +412,6 @@ class StabilityTrainer(Trainer):
         """Train ``children`` of spawn step ``t`` as one stacked model (parallel_children.py), then
         write each child's final/ like a child trained alone. A killed group restarts from the
         spawn checkpoint."""
-        from safetensors.torch import load_file
-
         from .parallel_children import (
             ChildLossCallback,
             StackedDivergenceCallback,
@@ -391,7 +432,7 @@ class StabilityTrainer(Trainer):
         # The dataset columns the model takes come from its forward signature: read them now, from the
         # real model, not later from the stacked model's forward(**inputs).
         self._set_signature_columns_if_needed()
-        weights = load_file(str(spawn / "model.safetensors"))
+        weights = checkpoint_state_dict(template, spawn)
         configs = {k: sargs.config_for_child(k) for k in children}
         batches: dict[int, Any] = {}
         if any(config.kind == "batch" for config in configs.values()):

@@ -56,12 +56,14 @@ def layer_outputs(model: nn.Module, batch: dict[str, Any]) -> tuple[list[str], l
     ``output_hidden_states``, timm-style models through hooks on ``model.blocks``."""
     from transformers import PreTrainedModel
 
-    if isinstance(model, PreTrainedModel):
+    # transformers' TimmWrapper returns timm's intermediates as feature maps: hook its timm blocks instead
+    wrapped_timm = getattr(model, "timm_model", None) if isinstance(model, PreTrainedModel) else None
+    if isinstance(model, PreTrainedModel) and wrapped_timm is None:
         out = model(**batch, output_hidden_states=True)
         hidden = list(out.hidden_states)
         names = ["embeddings"] + [f"layer.{i}" for i in range(len(hidden) - 1)]
         return names, hidden, out.logits
-    blocks = getattr(model, "blocks", None)
+    blocks = getattr(wrapped_timm if wrapped_timm is not None else model, "blocks", None)
     if blocks is None:
         raise AnalysisDataError(
             f"Cannot read the layers of a {type(model).__name__}: expected a transformers model or a model with "

@@ -1,5 +1,31 @@
 """Ready-made studies: build a StabilityTrainer for a task from argument dataclasses."""
 
-from .text_classification import TextClassificationArguments, build_text_classification_trainer, load_text_splits
+from .image_classification import (
+    ImageClassificationArguments,
+    ImageDataArguments,
+    ImageModelArguments,
+    build_image_classification_trainer,
+    build_image_model,
+    load_image_splits,
+)
+from .text_classification import (
+    TextClassificationArguments,
+    TextDataArguments,
+    TextModelArguments,
+    build_text_classification_trainer,
+    load_text_splits,
+)
 
-__all__ = ["TextClassificationArguments", "build_text_classification_trainer", "load_text_splits"]
+__all__ = [
+    "ImageClassificationArguments",
+    "ImageDataArguments",
+    "ImageModelArguments",
+    "TextClassificationArguments",
+    "TextDataArguments",
+    "TextModelArguments",
+    "build_image_classification_trainer",
+    "build_image_model",
+    "load_image_splits",
+    "build_text_classification_trainer",
+    "load_text_splits",
+]

@@ -18,13 +18,19 @@ from ..trainer import StabilityTrainer
 OFFLINE_DATASETS = {"tweets": load_tweet_sentiment, "drug_reviews": load_drug_reviews}
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 @dataclass
-class TextClassificationArguments:
-    """Which model and data a text classification study uses."""
+class TextModelArguments:
+    """Which model a text classification study fine-tunes."""
 
     model_name_or_path: str = field(
         default="minilm",
         metadata={"help": "'minilm' (the packaged all-MiniLM-L6-v2), a local folder, or a Hub model name."},
     )
+
+
+@dataclass
+class TextDataArguments:
+    """Which texts a text classification study uses."""
+
     dataset: str = field(
         default="tweets",
         metadata={"help": "'tweets', 'drug_reviews' (both offline), or a Hub dataset with text and label columns."},
@@ -39,6 +45,11 @@ class TextClassificationArguments:
     def __post_init__(self) -> None:
         if self.max_length < 8:
             raise HfStabilityError(f"max_length must be >= 8 tokens, got {self.max_length}.")
+
+
+@dataclass
+class TextClassificationArguments(TextDataArguments, TextModelArguments):
+    """Model and data of a text classification study in one object (``hf-stability train``)."""
 
 
 def _card_metadata(task: TextClassificationArguments, stability: StabilityArguments) -> StabilityArguments:

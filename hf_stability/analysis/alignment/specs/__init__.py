@@ -7,7 +7,7 @@ from torch import nn
 
 from ....errors import UnsupportedArchitectureError
 from ..spec import PermutationSpec
-from . import timm_vit, transformers_encoder  # noqa: F401  (they register their families)
+from . import timm_vit, timm_wrapper, transformers_encoder  # noqa: F401  (they register their families)
 from .builder import SpecBuilder
 from .registry import FAMILIES, register_spec, supported_architectures
 from .transformers_encoder import BERT_LAYOUT_TYPES

@@ -1,0 +1,59 @@
+"""What every recipe does after training: analyze the run directory and render its report.
+
+``RecipeAnalysisArguments`` holds the analyzer options a recipe exposes; its field names do not
+clash with TrainingArguments, so one HfArgumentParser parses both.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RecipeAnalysisArguments:
+    """Analysis and report at the end of a recipe (``hf-stability analyze`` has them all)."""
+
+    analyze: bool = field(default=True, metadata={"help": "Analyze the run and write its report when training ends."})
+    alignment: str = field(default="weight", metadata={"help": "Permutation alignment: weight | activation | none."})
+    pairs: str = field(default="parent-child", metadata={"help": "Pairs to measure: parent-child | child-child | all."})
+    alphas: int = field(default=11, metadata={"help": "Interpolation points in [0, 1] for the barriers."})
+    analysis_eval_batch_size: int = field(default=256, metadata={"help": "Batch size of the analyzer."})
+    analysis_train_subset: int = field(default=512, metadata={"help": "Train examples for train-set barriers."})
+    analysis_autocast: str = field(default="none", metadata={"help": "Analyzer autocast: none | bf16 | fp16."})
+
+
+def analyze_and_report(run_dir: str | Path, args: RecipeAnalysisArguments, accelerator: Any = None) -> dict | None:
+    """Analyze ``run_dir`` on every process (``accelerator`` splits the work) and render the
+    report on the main one. Returns the report (None when ``args.analyze`` is off)."""
+    if not args.analyze:
+        return None
+    from .analysis import AnalyzeArguments, analyze_run
+    from .report import write_report
+
+    analyze_args = AnalyzeArguments(
+        pairs=args.pairs, alphas=args.alphas, batch_size=args.analysis_eval_batch_size,
+        train_samples=args.analysis_train_subset, autocast=args.analysis_autocast, alignment=args.alignment,
+    )
+    report = analyze_run(run_dir, analyze_args, accelerator)
+    if accelerator is None or accelerator.is_main_process:
+        files = write_report(run_dir)
+        logger.info("Report: %s (plots in %s)", files.card, files.card.parent / "plots")
+    return report
+
+
+def parse_args(parser: Any, argv: list[str] | None = None) -> tuple[Any, ...]:
+    """The dataclasses of ``parser`` (an HfArgumentParser) from one JSON or YAML config file, or
+    from command-line flags, as transformers' example scripts do."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(argv[0])
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(argv[0])
+    return parser.parse_args_into_dataclasses(argv)

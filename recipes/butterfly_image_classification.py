@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Butterfly study of a Vision Transformer image classifier, in the style of transformers'
+run_image_classification.py: a transformers ViT (--model_type vit) or a timm ViT (--model_type
+timm, through transformers' TimmWrapper), from random initialisation or fine-tuned from a
+pretrained folder (--model_name_or_path, e.g. made by recipes/pretrain_vit.py), on Fashion-MNIST
+(offline) or a dataset with image and label columns. Ends with analysis and report.
+
+    accelerate launch --config_file recipes/accelerate/single_gpu.yaml \\
+        recipes/butterfly_image_classification.py recipes/configs/vit_fmnist_finetune.json
+    python recipes/butterfly_image_classification.py --model_type timm --output_dir runs/timm \\
+        --max_steps 300 --spawn_steps 0 30 100 --classes 0 1 2 3 4
+
+Arguments: ImageModelArguments, ImageDataArguments, StabilityArguments, RecipeAnalysisArguments
+and TrainingArguments, from one JSON/YAML file or from flags (--help lists them all).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from hf_stability import StabilityArguments
+from hf_stability.recipe import RecipeAnalysisArguments, analyze_and_report, parse_args
+from hf_stability.tasks import (
+    ImageClassificationArguments,
+    ImageDataArguments,
+    ImageModelArguments,
+    build_image_classification_trainer,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = HfArgumentParser(
+        (ImageModelArguments, ImageDataArguments, StabilityArguments, RecipeAnalysisArguments, TrainingArguments)
+    )
+    model_args, data_args, stability, analysis, training = parse_args(parser, argv)
+    logging.basicConfig(level=logging.INFO if training.should_log else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    task = ImageClassificationArguments(**asdict(model_args), **asdict(data_args))
+    trainer = build_image_classification_trainer(task, stability, training)
+    result = trainer.butterfly()
+    if trainer.is_world_process_zero():
+        logger.info("Butterfly study finished:\n%s", result.format_table())
+    analyze_and_report(result.run_dir, analysis, trainer.accelerator)
+
+
+if __name__ == "__main__":
+    main()

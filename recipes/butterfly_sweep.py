@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""A sweep of butterfly studies of a text classifier: spawn steps x perturbation scales x seeds
+in one command. Each scale is one run directory OUTPUT_DIR/sigma-<scale> (its children are the
+seeds: --num_children, each with its own perturbation seed; child 0 is the control), analysed
+and reported as usual; the sweep then writes OUTPUT_DIR/sweep_report.json and
+OUTPUT_DIR/barrier_vs_spawn_step_by_scale.png (barrier against spawn step, a line per scale).
+
+    accelerate launch --config_file recipes/accelerate/single_gpu.yaml \\
+        recipes/butterfly_sweep.py recipes/configs/minilm_tweets_sweep.json
+    python recipes/butterfly_sweep.py --output_dir runs/sweep --max_steps 300 --spawn_steps 0 10 100 \\
+        --perturbation_scales 0.001 0.01 0.1 --num_children 3
+
+Each scale trains its own parent (the same training: bitwise equal on CPU), so a killed sweep
+resumes scale by scale. Arguments: TextModelArguments, TextDataArguments, SweepArguments,
+StabilityArguments, RecipeAnalysisArguments and TrainingArguments.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from hf_stability import StabilityArguments
+from hf_stability.errors import HfStabilityError
+from hf_stability.recipe import RecipeAnalysisArguments, analyze_and_report, parse_args
+from hf_stability.report.sweep import write_sweep_report
+from hf_stability.tasks import (
+    TextClassificationArguments,
+    TextDataArguments,
+    TextModelArguments,
+    build_text_classification_trainer,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepArguments:
+    """The scales of a sweep (spawn steps and seeds are StabilityArguments' spawn_steps and num_children)."""
+
+    perturbation_scales: list[float] = field(
+        default_factory=lambda: [0.001, 0.01, 0.1],
+        metadata={"help": "One butterfly study per scale (replaces --perturbation_scale)."},
+    )
+
+    def __post_init__(self) -> None:
+        if not self.perturbation_scales or len(set(self.perturbation_scales)) != len(self.perturbation_scales):
+            raise HfStabilityError(f"perturbation_scales must be distinct, at least one; got {self.perturbation_scales}.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = HfArgumentParser((TextModelArguments, TextDataArguments, SweepArguments, StabilityArguments,
+                               RecipeAnalysisArguments, TrainingArguments))
+    model_args, data_args, sweep, stability, analysis, training = parse_args(parser, argv)
+    logging.basicConfig(level=logging.INFO if training.should_log else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    task = TextClassificationArguments(**asdict(model_args), **asdict(data_args))
+    root = Path(training.output_dir)
+    runs: dict[float, Path] = {}
+    trainer = None
+    for scale in sweep.perturbation_scales:
+        run_training = copy.deepcopy(training)
+        run_training.output_dir = str(root / f"sigma-{scale:g}")
+        trainer = build_text_classification_trainer(task, replace(stability, perturbation_scale=scale), run_training)
+        result = trainer.butterfly()
+        if trainer.is_world_process_zero():
+            logger.info("sigma = %g:\n%s", scale, result.format_table())
+        analyze_and_report(result.run_dir, analysis, trainer.accelerator)
+        runs[scale] = result.run_dir
+    if analysis.analyze and trainer is not None and trainer.is_world_process_zero():
+        report, plot = write_sweep_report(runs, root)
+        logger.info("Sweep report: %s, plot: %s", report, plot)
+
+
+if __name__ == "__main__":
+    main()

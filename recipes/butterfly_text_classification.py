@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Butterfly study of a text classifier, in the style of transformers' run_glue.py: fine-tune a
+BERT-family model (default: the packaged MiniLM) on a labelled text dataset (default: the
+packaged tweets), spawn perturbed children and a control at the spawn steps, then analyze the run
+directory and render its report (RUN/analysis/: report.json, plots, README.md).
+
+    accelerate launch --config_file recipes/accelerate/single_gpu.yaml \\
+        recipes/butterfly_text_classification.py recipes/configs/minilm_tweets.json
+    python recipes/butterfly_text_classification.py --output_dir runs/x --max_steps 200 \\
+        --spawn_steps 0 50 --num_children 3 --model_name_or_path bert-base-uncased --dataset imdb
+
+Arguments: TextModelArguments, TextDataArguments, StabilityArguments, RecipeAnalysisArguments
+and TrainingArguments, from one JSON/YAML file or from flags (--help lists them all).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from hf_stability import StabilityArguments
+from hf_stability.recipe import RecipeAnalysisArguments, analyze_and_report, parse_args
+from hf_stability.tasks import (
+    TextClassificationArguments,
+    TextDataArguments,
+    TextModelArguments,
+    build_text_classification_trainer,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = HfArgumentParser(
+        (TextModelArguments, TextDataArguments, StabilityArguments, RecipeAnalysisArguments, TrainingArguments)
+    )
+    model_args, data_args, stability, analysis, training = parse_args(parser, argv)
+    logging.basicConfig(level=logging.INFO if training.should_log else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    task = TextClassificationArguments(**asdict(model_args), **asdict(data_args))
+    trainer = build_text_classification_trainer(task, stability, training)
+    result = trainer.butterfly()
+    if trainer.is_world_process_zero():
+        logger.info("Butterfly study finished:\n%s", result.format_table())
+    analyze_and_report(result.run_dir, analysis, trainer.accelerator)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""CPU smoke tests of the recipes at tiny sizes: each runs as a user runs it (a subprocess; the
+text recipe through accelerate launch) and leaves a complete, analysed run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+TINY_TRAINING = ["--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32", "--save_strategy", "no",
+                 "--report_to", "none", "--logging_steps", "2", "--disable_tqdm", "true", "--learning_rate", "1e-3"]
+TINY_ANALYSIS = ["--alphas", "3", "--analysis_train_subset", "16"]
+TINY_VIT = ["--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2",
+            "--intermediate_size", "64", "--patch_size", "7"]
+
+
+def _run(command: list[str]) -> str:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout + result.stderr
+
+
+def _check_study(run_dir: Path) -> dict:
+    """The run is analysed and reported; the control ends where the parent ends (CPU: bitwise),
+    and weight matching never moves a child away from its parent."""
+    report = json.loads((run_dir / "analysis" / "report.json").read_text())
+    assert (run_dir / "analysis" / "README.md").is_file()
+    assert (run_dir / "analysis" / "plots" / "barrier_vs_spawn_step.png").is_file()
+    pairs = [p for p in report["pairs"] if p["kind"] == "parent-child"]
+    assert {p["is_control"] for p in pairs} == {True, False}
+    for pair in pairs:
+        l2 = pair["l2"]["l2"]
+        if pair["is_control"]:
+            assert l2 == 0.0
+        elif pair.get("aligned"):
+            assert l2 > 0 and pair["aligned"]["l2"]["l2"] <= l2 * (1 + 1e-9)
+    return report
+
+
+def test_text_recipe_under_accelerate_launch(tmp_path):
+    run_dir = tmp_path / "text"
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RECIPES / "accelerate" / "cpu.yaml"),
+          str(RECIPES / "butterfly_text_classification.py"), "--output_dir", str(run_dir), "--max_train_samples", "48",
+          "--max_eval_samples", "32", "--max_length", "24", "--max_steps", "4", "--spawn_steps", "0", "2",
+          "--num_children", "1", "--divergence_every", "2", *TINY_TRAINING, *TINY_ANALYSIS])
+    report = _check_study(run_dir)
+    assert report["run"]["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_pretrain_vit_then_fine_tune_it_in_the_image_recipe(tmp_path):
+    pretrained = tmp_path / "pretrained"
+    _run([sys.executable, str(RECIPES / "pretrain_vit.py"), "--output_dir", str(pretrained), "--classes", "5", "6",
+          "7", "8", "9", "--max_train_samples", "64", "--max_eval_samples", "32", "--max_steps", "4", *TINY_VIT,
+          *TINY_TRAINING])
+    assert (pretrained / "model.safetensors").is_file() and (pretrained / "eval_results.json").is_file()
+    run_dir = tmp_path / "finetune"
+    _run([sys.executable, str(RECIPES / "butterfly_image_classification.py"), "--model_name_or_path", str(pretrained),
+          "--output_dir", str(run_dir), "--max_train_samples", "64", "--max_eval_samples", "32", "--max_steps", "4",
+          "--spawn_steps", "0", "2", "--num_children", "1", "--divergence_every", "2", *TINY_TRAINING, *TINY_ANALYSIS])
+    _check_study(run_dir)
+    # the study starts from the pretrained weights (as from_pretrained names them); only the head is new
+    from transformers import AutoModelForImageClassification
+
+    source = dict(AutoModelForImageClassification.from_pretrained(str(pretrained)).named_parameters())
+    start = load_file(str(run_dir / "parent" / "initial" / "model.safetensors"))
+    assert start.keys() == source.keys()
+    body = [n for n in source if not n.startswith("classifier.")]
+    assert all(source[n].detach().equal(start[n]) for n in body)
+    assert not source["classifier.weight"].detach().equal(start["classifier.weight"])
+
+
+def test_image_recipe_with_a_timm_vit(tmp_path):
+    pytest.importorskip("timm")
+    run_dir = tmp_path / "timm"
+    _run([sys.executable, str(RECIPES / "butterfly_image_classification.py"), "--model_type", "timm", "--output_dir",
+          str(run_dir), "--max_train_samples", "64", "--max_eval_samples", "32", "--max_steps", "4", "--spawn_steps",
+          "0", "2", "--num_children", "1", "--divergence_every", "2", *TINY_VIT, *TINY_TRAINING, *TINY_ANALYSIS])
+    report = _check_study(run_dir)
+    assert report["settings"]["alignment"]["architecture"] == "TimmWrapper(timm VisionTransformer)"
+    config = json.loads((run_dir / "parent" / "final" / "config.json").read_text())
+    assert config["architectures"] == ["TimmWrapperForImageClassification"]
+
+
+def test_sweep_recipe_collects_every_scale_into_one_report(tmp_path):
+    root = tmp_path / "sweep"
+    _run([sys.executable, str(RECIPES / "butterfly_sweep.py"), "--output_dir", str(root), "--perturbation_scales",
+          "0.01", "0.1", "--max_train_samples", "48", "--max_eval_samples", "32", "--max_length", "24", "--max_steps",
+          "3", "--spawn_steps", "1", "--num_children", "1", "--divergence_every", "0", "--alignment", "none",
+          "--alphas", "3", "--analysis_train_subset", "0", *TINY_TRAINING])
+    sweep = json.loads((root / "sweep_report.json").read_text())
+    assert sweep["scales"] == [0.01, 0.1]
+    assert {(r["scale"], r["spawn_step"]) for r in sweep["rows"]} == {(0.01, 1), (0.1, 1)}
+    for row in sweep["rows"]:
+        own = json.loads((root / sweep["runs"][str(row["scale"])] / "analysis" / "report.json").read_text())
+        summary = next(r for r in own["summary"] if r["spawn_step"] == row["spawn_step"])
+        assert row["loss_barrier_eval"] == summary["children"]["loss_barrier_eval"]
+        assert row["floor_l2"] == 0.0 and row["num_children"] == 1
+    assert (root / "barrier_vs_spawn_step_by_scale.png").stat().st_size > 10_000
+    # a larger perturbation lands farther from the parent
+    l2 = {r["scale"]: r["l2"]["mean"] for r in sweep["rows"] }
+    assert math.isfinite(l2[0.1]) and l2[0.1] > l2[0.01]
+
+
+@pytest.mark.parametrize("script, config", [
+    ("butterfly_text_classification.py", "minilm_tweets.json"),
+    ("butterfly_sweep.py", "minilm_tweets_sweep.json"),
+    ("pretrain_vit.py", "vit_fmnist_pretrain.json"),
+    ("butterfly_image_classification.py", "vit_fmnist_finetune.json"),
+])
+def test_every_key_of_a_recipe_config_is_a_flag_of_its_recipe(script, config):
+    """(A GPU config sets bf16, which a CPU refuses to parse: its keys are checked against --help.)"""
+    data = json.loads((RECIPES / "configs" / config).read_text())
+    out = _run([sys.executable, "-c", f"import sys, runpy; sys.argv = ['{script}', '--help']; "
+                f"runpy.run_path('{RECIPES / script}', run_name='__main__')"])
+    flags = {f"--{key}" for key in data}
+    assert all(flag in out for flag in flags), sorted(f for f in flags if f not in out)
