@@ -46,6 +46,22 @@ def analyze_and_report(run_dir: str | Path, args: RecipeAnalysisArguments, accel
     return report
 
 
+def setup_logging(training: Any) -> None:
+    """Log at INFO on the process that logs (TrainingArguments.should_log), WARNING elsewhere."""
+    logging.basicConfig(level=logging.INFO if training.should_log else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run_study(trainer: Any, args: RecipeAnalysisArguments) -> Any:
+    """A recipe's study: ``trainer.butterfly()``, its table in the log, then analysis and report.
+    Returns the ButterflyResult."""
+    result = trainer.butterfly()
+    if trainer.is_world_process_zero():
+        logger.info("Butterfly study finished:\n%s", result.format_table())
+    analyze_and_report(result.run_dir, args, trainer.accelerator)
+    return result
+
+
 def parse_args(parser: Any, argv: list[str] | None = None) -> tuple[Any, ...]:
     """The dataclasses of ``parser`` (an HfArgumentParser) from one JSON or YAML config file, or
     from command-line flags, as transformers' example scripts do."""

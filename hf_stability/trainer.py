@@ -118,10 +118,16 @@ def checkpoint_state_dict(model: nn.Module, checkpoint: Path) -> dict[str, torch
     ``strict=False`` and silently keeps the fresh weights of every renamed tensor.
     """
     from safetensors.torch import load_file
-    from transformers import PreTrainedModel
 
     if not _needs_name_conversion(model, checkpoint):
         return load_file(str(checkpoint / "model.safetensors"))
+    return _converted_state_dict(model, checkpoint)
+
+
+def _converted_state_dict(model: nn.Module, checkpoint: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint whose names are not the model's, through from_pretrained's name mapping."""
+    from transformers import PreTrainedModel
+
     if not isinstance(model, PreTrainedModel):
         raise RunDirectoryError(
             f"The weights in {checkpoint} have names the {type(model).__name__} does not have: the checkpoint was "
@@ -222,7 +228,7 @@ class StabilityTrainer(Trainer):
             return  # stacked children: the stacked model already holds the perturbed weights
         target = model if model is not None else self.model
         if _needs_name_conversion(target, Path(resume_from_checkpoint)):
-            target.load_state_dict(checkpoint_state_dict(target, Path(resume_from_checkpoint)), strict=True)
+            target.load_state_dict(_converted_state_dict(target, Path(resume_from_checkpoint)), strict=True)
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 

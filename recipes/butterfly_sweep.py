@@ -26,7 +26,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from hf_stability import StabilityArguments
 from hf_stability.errors import HfStabilityError
-from hf_stability.recipe import RecipeAnalysisArguments, analyze_and_report, parse_args
+from hf_stability.recipe import RecipeAnalysisArguments, parse_args, run_study, setup_logging
 from hf_stability.report.sweep import write_sweep_report
 from hf_stability.tasks import (
     TextClassificationArguments,
@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser((TextModelArguments, TextDataArguments, SweepArguments, StabilityArguments,
                                RecipeAnalysisArguments, TrainingArguments))
     model_args, data_args, sweep, stability, analysis, training = parse_args(parser, argv)
-    logging.basicConfig(level=logging.INFO if training.should_log else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(training)
     task = TextClassificationArguments(**asdict(model_args), **asdict(data_args))
     root = Path(training.output_dir)
     runs: dict[float, Path] = {}
@@ -66,11 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         run_training = copy.deepcopy(training)
         run_training.output_dir = str(root / f"sigma-{scale:g}")
         trainer = build_text_classification_trainer(task, replace(stability, perturbation_scale=scale), run_training)
-        result = trainer.butterfly()
-        if trainer.is_world_process_zero():
-            logger.info("sigma = %g:\n%s", scale, result.format_table())
-        analyze_and_report(result.run_dir, analysis, trainer.accelerator)
-        runs[scale] = result.run_dir
+        runs[scale] = run_study(trainer, analysis).run_dir
     if analysis.analyze and trainer is not None and trainer.is_world_process_zero():
         report, plot = write_sweep_report(runs, root)
         logger.info("Sweep report: %s, plot: %s", report, plot)

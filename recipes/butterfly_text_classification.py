@@ -15,13 +15,12 @@ and TrainingArguments, from one JSON/YAML file or from flags (--help lists them 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict
 
 from transformers import HfArgumentParser, TrainingArguments
 
 from hf_stability import StabilityArguments
-from hf_stability.recipe import RecipeAnalysisArguments, analyze_and_report, parse_args
+from hf_stability.recipe import RecipeAnalysisArguments, parse_args, run_study, setup_logging
 from hf_stability.tasks import (
     TextClassificationArguments,
     TextDataArguments,
@@ -29,22 +28,15 @@ from hf_stability.tasks import (
     build_text_classification_trainer,
 )
 
-logger = logging.getLogger(__name__)
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser(
         (TextModelArguments, TextDataArguments, StabilityArguments, RecipeAnalysisArguments, TrainingArguments)
     )
     model_args, data_args, stability, analysis, training = parse_args(parser, argv)
-    logging.basicConfig(level=logging.INFO if training.should_log else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(training)
     task = TextClassificationArguments(**asdict(model_args), **asdict(data_args))
-    trainer = build_text_classification_trainer(task, stability, training)
-    result = trainer.butterfly()
-    if trainer.is_world_process_zero():
-        logger.info("Butterfly study finished:\n%s", result.format_table())
-    analyze_and_report(result.run_dir, analysis, trainer.accelerator)
+    run_study(build_text_classification_trainer(task, stability, training), analysis)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import logging
 from transformers import HfArgumentParser, Trainer, TrainingArguments, default_data_collator, set_seed
 
 from hf_stability.metrics import classification_metrics
-from hf_stability.recipe import parse_args
+from hf_stability.recipe import parse_args, setup_logging
 from hf_stability.tasks import ImageDataArguments, ImageModelArguments, build_image_model, load_image_splits
 
 logger = logging.getLogger(__name__)
@@ -29,8 +29,7 @@ logger = logging.getLogger(__name__)
 def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser((ImageModelArguments, ImageDataArguments, TrainingArguments))
     model_args, data_args, training = parse_args(parser, argv)
-    logging.basicConfig(level=logging.INFO if training.should_log else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(training)
     splits = load_image_splits(data_args)
     set_seed(training.seed)
     model = build_image_model(model_args, num_labels=len(data_args.classes))

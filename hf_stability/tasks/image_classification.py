@@ -112,8 +112,9 @@ class ImageClassificationArguments(ImageDataArguments, ImageModelArguments):
 
 
 def load_image_splits(args: ImageDataArguments) -> DatasetDict:
-    """Train and eval splits with ``pixel_values`` (normalised, channels first) and ``labels``
-    (0..n-1 in the order of ``args.classes``), as torch tensors."""
+    """Train and eval splits with ``pixel_values`` (converted to grey, normalised with
+    Fashion-MNIST's mean and std, shape [1, H, W]) and ``labels`` (0..n-1 in the order of
+    ``args.classes``), as torch tensors."""
     if args.dataset == "fashion_mnist":
         splits = load_fashion_mnist(classes=list(args.classes))
     else:
