@@ -2,8 +2,9 @@
 MiniLM-shaped BERT (6 layers, 384 hidden, 12 heads; random init, synthetic tokens), trained
 one after the other (parallel_children=1) and K at a time as one stacked model (K = 4, 8, 16).
 
-The parent is trained once; each setting then trains only the children (the run directory's
-parent is reused: parallel_children does not change the run's identity). Reports wall time,
+The parent is trained once for K = 1 and once for the stacked settings (a run created with
+parallel_children > 1 trains every model with stacked children's dropout and, on CUDA, eager
+attention: docs/parallel_children.md); each setting then trains only the children. Reports wall time,
 child-steps per second, the ratio to sequential and peak GPU memory. Prints and writes JSON.
 
     python benchmarks/children_throughput.py [--steps 60] [--batch 32] [--seq-len 128] [--bf16 | --tf32]
@@ -13,7 +14,6 @@ child-steps per second, the ratio to sequential and peak GPU memory. Prints and 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from report import emit
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
 from hf_stability import StabilityArguments, StabilityTrainer
@@ -52,10 +53,12 @@ def main() -> None:
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     train, test = _data(args.batch * args.steps, args.seq_len, 0), _data(256, args.seq_len, 1)
-    root = Path(tempfile.mkdtemp(prefix="children-throughput-"))
+    roots = {stacked: Path(tempfile.mkdtemp(prefix="children-throughput-")) for stacked in (False, True)}
     children, rows = 16, []
+    ks = [int(x) for x in args.ks.split(",")]
     try:
-        for k in [int(x) for x in args.ks.split(",")]:
+        for k in ks:
+            root = roots[k > 1]
             for child_dir in root.glob("children/*"):
                 shutil.rmtree(child_dir)
             trainer = StabilityTrainer(
@@ -89,17 +92,15 @@ def main() -> None:
             print(f"K={k:>2}: {seconds:7.1f} s for {children} children x {args.steps} steps, "
                   f"{rows[-1]['child_steps_per_s']:7.1f} child-steps/s, peak {rows[-1]['peak_gpu_gib']:.2f} GiB")
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        for root in roots.values():
+            shutil.rmtree(root, ignore_errors=True)
     sequential = next((r["seconds"] for r in rows if r["parallel_children"] == 1), None)
     for row in rows:
         if "seconds" in row:
             row["time_vs_sequential"] = row["seconds"] / sequential if sequential else None
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "children": children,
               "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "bf16": args.bf16, "tf32": args.tf32, "runs": rows}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    emit(result, args.output)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,12 @@ class StabilityArguments:
         metadata={"help": "Train up to this many children of one spawn step together on one device, as one "
                   "stacked model (torch.func.vmap); 1 trains them one after the other. See docs/parallel_children.md."},
     )
+    deterministic: bool = field(
+        default=False,
+        metadata={"help": "Deterministic GPU kernels for parent and children (deterministic algorithms, cuBLAS "
+                  "workspace, cuDNN), so that the control child ends bitwise equal to its parent on one GPU, "
+                  "at a cost in step time (README). CPU runs are deterministic without it."},
+    )
     base_model: str | None = field(
         default=None, metadata={"help": "Hub id of the model being fine-tuned, for the report card's metadata."}
     )

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from .errors import HfStabilityError, disk_full_error
+
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -41,6 +43,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; results are meant to be read by others
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
+    except HfStabilityError:
+        raise
+    except Exception as err:
+        full = disk_full_error(err, path)
+        if full is None:
+            raise
+        raise full from err
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

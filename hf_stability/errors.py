@@ -64,5 +64,42 @@ class ReportError(HfStabilityError, ValueError):
     """A run has no analysis, or its report.json is of another schema or incomplete."""
 
 
+class DiskFullError(HfStabilityError, OSError):
+    """A write failed because the disk (or the process's file-size or quota limit) is full."""
+
+
+#: What libraries say when a write hits a full disk: errno numbers, and the messages of torch.save
+#: (a RuntimeError from its stream writer) and safetensors (a SafetensorError), which keep no OSError.
+_DISK_FULL_ERRNOS = (28, 27, 122)  # ENOSPC, EFBIG, EDQUOT
+_DISK_FULL_WORDS = ("no space left on device", "file too large", "disk quota exceeded", "file write failed",
+                    "os error 28", "os error 27", "os error 122", "iostream error", "unexpected pos")
+
+
+def disk_full_error(error: BaseException, target: object) -> DiskFullError | None:
+    """A DiskFullError saying what to do when writing ``target`` failed on a full disk; None when
+    ``error`` is something else."""
+    reason = disk_full_reason(error)
+    if reason is None:
+        return None
+    return DiskFullError(
+        f"Writing {target} failed: the disk is full or failing ({reason}). Free space (or choose another "
+        "output_dir) and run the same command again: nothing half-written is taken as complete, and a study "
+        "resumes from its last complete checkpoint."
+    )
+
+
+def disk_full_reason(error: BaseException) -> str | None:
+    """The message of the full-disk failure in ``error``'s chain of causes, or None."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+            return error.strerror or str(error)
+        if any(word in str(error).lower() for word in _DISK_FULL_WORDS):
+            return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        error = error.__cause__ or error.__context__
+    return None
+
+
 class PushError(HfStabilityError):
     """Uploading a report to the Hub failed (invalid repo id, no token, the Hub refused)."""

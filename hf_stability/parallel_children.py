@@ -6,7 +6,8 @@
 child's slice of the gradient is exactly its own gradient; AdamW is elementwise, so one AdamW
 over the stacked tensors is K independent AdamWs. Everything else is the Trainer's own loop:
 the same batches, learning-rate schedule, gradient accumulation, mixed precision and logging.
-Dropout masks come from ``randomness="same"``, which draws them as one child alone would.
+Dropout masks come from ``randomness="same"``, which draws each mask once, as one child alone
+would; ``SameMaskDropout`` makes the parent and children trained alone draw theirs the same way.
 
 What a stacked model cannot do the same way is handled here: gradient clipping per child
 (``clip_per_child``, called by StabilityTrainer in place of the Trainer's clipping),
@@ -26,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .divergence import LOG_KEY, DivergenceCallback, drop_lines_after, squared_distance_to_file
@@ -59,20 +62,9 @@ class StackedModel(nn.Module):
         """Child k's parameters (views into the stacked tensors), by the original names."""
         return {n: p[k] for n, p in self.template.named_parameters()}
 
-    def _vmappable_attention(self) -> None:
-        """On CUDA, fused scaled-dot-product attention draws its dropout inside the kernel, which
-        vmap cannot share across children: use the eager attention there (same function)."""
-        config = getattr(self.template, "config", None)
-        if getattr(config, "_attn_implementation", None) not in (None, "eager"):
-            logger.info("Stacked children on CUDA use eager attention (vmap cannot batch fused attention dropout).")
-            if hasattr(self.template, "set_attn_implementation"):
-                self.template.set_attn_implementation("eager")
-            else:
-                config._attn_implementation = "eager"
-
     def forward(self, **inputs: Any) -> dict[str, torch.Tensor]:
         if self.training and self.template.training and next(self.parameters()).is_cuda:
-            self._vmappable_attention()
+            use_eager_attention(self.template)
         params = dict(self.template.named_parameters())
         buffers = dict(self.template.named_buffers())
 
@@ -84,6 +76,56 @@ class StackedModel(nn.Module):
         self.last_losses = losses.detach()
         # Sum: child k's slice of the gradient is d loss_k / d theta_k. A NaN child stays in its slice.
         return {"loss": losses.sum(), "logits": logits}
+
+
+class SameMaskDropout(TorchFunctionMode):
+    """Dropout as vmap's ``randomness="same"`` rule computes it: ``mask = empty_like(x).bernoulli_(1 - p)``,
+    ``x * mask * (1 / (1 - p))``.
+
+    On CPU this is also what ``F.dropout`` computes. On CUDA ``F.dropout`` runs a fused kernel that
+    draws other masks from the same RNG state, so a parent trained with it and its control child
+    trained stacked would see different masks at every step (measured on an H100: L2 1.8 after
+    200 steps). StabilityTrainer therefore trains every model of a run created with
+    parallel_children > 1 under this mode (``stacked_numerics`` in stability_config.json).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.dropout:
+            return func(*args, **kwargs)
+        names = ("input", "p", "training", "inplace")
+        bound = {**dict(zip(names, args)), **kwargs}
+        x, p = bound["input"], float(bound.get("p", 0.5))
+        if not bound.get("training", True) or p == 0.0:
+            return x
+        keep = 1.0 - p
+        scale = 0.0 if keep == 0.0 else 1.0 / keep
+        mask = torch.empty_like(x).bernoulli_(keep)
+        if bound.get("inplace", False):
+            return x.mul_(mask).mul_(scale)
+        return x.mul(mask).mul_(scale)
+
+
+def use_eager_attention(model: nn.Module) -> None:
+    """Switch ``model`` to eager attention, in transformers' modules and in timm's (``fused_attn``).
+
+    On CUDA, fused scaled-dot-product attention draws its dropout inside the kernel, which vmap
+    cannot share across children, and its backward fails under vmap for timm's layout (H100,
+    torch 2.11: "LSE is not correctly aligned (strideH)"). Stacked children therefore use the
+    eager attention there, and so must the parent and any child trained alone in the same run:
+    with another attention the dropout masks and the rounding differ, and the control child
+    would not follow its parent (measured on an H100: L2 1.8 instead of 1e-4 after 200 steps).
+    """
+    for module in model.modules():
+        if getattr(module, "fused_attn", False) is True:
+            module.fused_attn = False
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) not in (None, "eager"):
+        logger.info("Using eager attention: stacked children on CUDA need it, and so does their parent.")
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation("eager")
+        else:
+            config._attn_implementation = "eager"
 
 
 def unstack_into(stacked: StackedModel, k: int, model: nn.Module) -> nn.Module:
@@ -112,12 +154,26 @@ def estimate_bytes(model: nn.Module, num_children: int, args: TrainingArguments,
     H100, MiniLM with batch 32 x 128 tokens estimated 15 GiB for K = 8 and used 11.7 GiB."""
     numel = sum(p.numel() for p in model.parameters())
     state = numel * 4 * 4
+    hidden, layers, tokens_per_example = _activation_shape(model)
+    tokens = args.per_device_train_batch_size * (seq_len or tokens_per_example)
+    activations = 40 * hidden * tokens * layers * (2 if args.bf16 or args.fp16 else 4)
+    return num_children * (state + activations)
+
+
+def _activation_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(width, blocks, tokens per example) of a transformer: a timm ViT inside TimmWrapper, a
+    transformers ViT (patches + CLS) or a text model (its longest input)."""
+    timm_model = getattr(model, "timm_model", None)
+    if timm_model is not None and hasattr(timm_model, "blocks"):
+        patches = getattr(getattr(timm_model, "patch_embed", None), "num_patches", 196)
+        return (int(getattr(timm_model, "embed_dim", 768)), len(timm_model.blocks),
+                int(patches) + int(getattr(timm_model, "num_prefix_tokens", 1)))
     config = getattr(model, "config", None)
     hidden = getattr(config, "hidden_size", 768)
     layers = getattr(config, "num_hidden_layers", 12)
-    tokens = args.per_device_train_batch_size * (seq_len or getattr(config, "max_position_embeddings", 512))
-    activations = 40 * hidden * tokens * layers * (2 if args.bf16 or args.fp16 else 4)
-    return num_children * (state + activations)
+    if getattr(config, "image_size", None) and getattr(config, "patch_size", None):
+        return hidden, layers, (config.image_size // config.patch_size) ** 2 + 1
+    return hidden, layers, getattr(config, "max_position_embeddings", 512)
 
 
 def available_bytes(device: torch.device) -> int:

@@ -6,10 +6,13 @@ clash with TrainingArguments, so one HfArgumentParser parses both.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .errors import HfStabilityError
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +66,28 @@ def run_study(trainer: Any, args: RecipeAnalysisArguments) -> Any:
 
 
 def parse_args(parser: Any, argv: list[str] | None = None) -> tuple[Any, ...]:
-    """The dataclasses of ``parser`` (an HfArgumentParser) from one JSON or YAML config file, or
-    from command-line flags, as transformers' example scripts do."""
+    """The dataclasses of ``parser`` (an HfArgumentParser) from a JSON or YAML config file, from
+    command-line flags, or from both: ``recipe.py config.json --output_dir runs/x`` reads the file
+    and lets the flags after it override its values."""
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])
-    return parser.parse_args_into_dataclasses(argv)
+    if not argv or not argv[0].endswith((".json", ".yaml", ".yml")):
+        return parser.parse_args_into_dataclasses(argv)
+    config_file, overrides = Path(argv[0]), argv[1:]
+    if not config_file.is_file():
+        raise HfStabilityError(f"Config file {config_file} does not exist: give the path of a JSON or YAML file.")
+    if config_file.suffix == ".json":
+        values = json.loads(config_file.read_text(encoding="utf-8"))
+    else:
+        import yaml
+
+        values = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    if not overrides:
+        return parser.parse_dict(values)
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise HfStabilityError(f"{config_file} has keys that are no option of this recipe: {unknown} (see --help).")
+    parser.set_defaults(**values)
+    return parser.parse_args_into_dataclasses(overrides)

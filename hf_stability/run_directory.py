@@ -48,17 +48,29 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
-def is_complete_checkpoint(path: Path) -> bool:
-    """A Trainer checkpoint is complete when its trainer_state.json (written last) parses and its
-    weights exist."""
+def checkpoint_problem(path: Path) -> str | None:
+    """What a Trainer checkpoint lacks (None when it is complete): its trainer_state.json (written
+    last) must parse, and its weights and its RNG state must exist (resuming without the RNG
+    state would silently draw other dropout masks and another data order)."""
     state = path / "trainer_state.json"
-    if not state.is_file() or not any(path.glob("model*.safetensors")):
-        return False
+    if not path.is_dir():
+        return "it does not exist"
+    if not any(path.glob("model*.safetensors")):
+        return "no weights (model.safetensors)"
+    if not any(path.glob("rng_state*.pth")):
+        return "no RNG state (rng_state.pth)"
+    if not state.is_file():
+        return "no trainer_state.json (its save did not finish)"
     try:
         json.loads(state.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
-        return False
-    return True
+        return "an unreadable trainer_state.json"
+    return None
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """Whether a Trainer checkpoint is whole (see checkpoint_problem)."""
+    return checkpoint_problem(path) is None
 
 
 def _checkpoint_step(path: Path) -> int | None:
@@ -138,9 +150,19 @@ class RunDirectory:
                 "Point to the output_dir of a StabilityTrainer.butterfly() run."
             )
         try:
-            return json.loads(self.config_file.read_text(encoding="utf-8"))
+            config = json.loads(self.config_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise RunDirectoryError(f"{self.config_file} is not valid JSON ({err}); re-run with overwrite.") from None
+        if config.get("format_version") != FORMAT_VERSION:
+            raise RunDirectoryError(self._version_message(config) + ".")
+        return config
+
+    def _version_message(self, config: dict[str, Any]) -> str:
+        written_by = (config.get("versions") or {}).get("hf_stability", "another version")
+        return (
+            f"{self.root} holds a run of format version {config.get('format_version')}, this hf_stability reads "
+            f"version {FORMAT_VERSION}: open it with the hf_stability that wrote it ({written_by})"
+        )
 
     def child_status(self, spawn_step: int, child: int) -> str:
         """'done', 'diverged' or 'pending'."""
@@ -185,7 +207,9 @@ class RunDirectory:
                 old = json.loads(self.config_file.read_text(encoding="utf-8"))
             except json.JSONDecodeError:
                 old = {}
-            if old.get("fingerprint") == config["fingerprint"]:
+            if old.get("format_version", FORMAT_VERSION) != FORMAT_VERSION and not overwrite:
+                raise RunDirectoryError(self._version_message(old) + ", or pass --overwrite_run to delete it.")
+            if old.get("fingerprint") == config["fingerprint"] and old.get("format_version") == FORMAT_VERSION:
                 return
             if not overwrite:
                 diffs = _differences(old.get("identity", {}), config["identity"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -23,14 +24,22 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 from .arguments import StabilityArguments
 from .atomic_io import atomic_directory, save_tensors, write_json
 from .callback import PerturbationCallback
+from .determinism import deterministic_algorithms, hardware_record
 from .divergence import DivergenceCallback, ParentTrajectoryCallback, divergence_steps, named_floating_parameters
-from .errors import ChildDivergedError, HfStabilityError, RunDirectoryError, SpawnStepError
+from .errors import (
+    ChildDivergedError,
+    HfStabilityError,
+    RunDirectoryError,
+    SpawnStepError,
+    disk_full_error,
+)
 from .perturb import WEIGHT_KINDS, init_scales, perturb_model, select_parameters
 from .run_directory import (
     EVAL_RESULTS_NAME,
     FORMAT_VERSION,
     ChildSummary,
     RunDirectory,
+    checkpoint_problem,
     fingerprint,
     is_complete_checkpoint,
 )
@@ -85,17 +94,21 @@ class ButterflyResult:
     children: list[ChildSummary] = field(default_factory=list)
 
     def format_table(self, metric: str = "eval_accuracy") -> str:
-        """A plain-text table: spawn step, child, final L2 to parent, the chosen eval metric."""
-        header = f"{'spawn step':>10}  {'child':<12}  {'final L2 to parent':>18}  {metric:>14}"
+        """A plain-text table: spawn step, child, final L2 to parent, the amplification (final L2 /
+        L2 of the perturbation itself; n/a for the control) and the chosen eval metric."""
+        header = f"{'spawn step':>10}  {'child':<12}  {'final L2 to parent':>18}  {'amplification':>13}  {metric:>14}"
         lines = [header, "-" * len(header)]
         parent = self.parent_metrics.get(metric)
-        lines.append(f"{'-':>10}  {'parent':<12}  {0.0:>18.6g}  {_fmt(parent):>14}")
+        lines.append(f"{'-':>10}  {'parent':<12}  {0.0:>18.6g}  {'':>13}  {_fmt(parent):>14}")
         for row in self.children:
             name = f"c{row.child}" + (" (control)" if row.is_control else "")
             if row.status == "diverged":
                 name = f"c{row.child} DIVERGED"
+            moved = row.perturbation_l2 is not None and row.final_l2 is not None and row.perturbation_l2 > 0
+            amplification = f"{row.final_l2 / row.perturbation_l2:.3g}x" if moved else "n/a"
             lines.append(
-                f"{row.spawn_step:>10}  {name:<12}  {_fmt(row.final_l2):>18}  {_fmt(row.eval_metrics.get(metric)):>14}"
+                f"{row.spawn_step:>10}  {name:<12}  {_fmt(row.final_l2):>18}  {amplification:>13}  "
+                f"{_fmt(row.eval_metrics.get(metric)):>14}"
             )
         return "\n".join(lines)
 
@@ -191,6 +204,7 @@ class StabilityTrainer(Trainer):
         self.stability_args = stability_args if stability_args is not None else StabilityArguments()
         self._training_child: tuple[int, int] | None = None
         self._stacked_optimizer_state: dict[str, Any] | None = None
+        self._stacked_numerics = False  # set by butterfly() from the run (see _match_stacked)
 
     # ---- Trainer hooks -------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -201,7 +215,11 @@ class StabilityTrainer(Trainer):
         super().log(logs, start_time)
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        from .parallel_children import SameMaskDropout
+
+        # In a run made for stacked children, every model draws its dropout masks as vmap does.
+        with SameMaskDropout() if self._stacked_numerics else contextlib.nullcontext():
+            loss = super().training_step(model, inputs, num_items_in_batch)
         if self._training_child is not None and not torch.isfinite(loss).all():
             raise ChildDivergedError(self.state.global_step + 1, f"training loss is {float(loss)}")
         return loss
@@ -222,6 +240,27 @@ class StabilityTrainer(Trainer):
         if isinstance(self.model, StackedModel):
             return grad_norm if grad_norm is not None else clip_per_child(self.model, None)
         return super()._get_grad_norm(model, grad_norm)
+
+    def call_model_init(self, trial: Any = None) -> nn.Module:
+        """The Trainer's model_init, with the attention that stacked children use (see _match_stacked)."""
+        model = super().call_model_init(trial)
+        self._match_stacked(model)
+        return model
+
+    def _match_stacked(self, model: nn.Module | None) -> None:
+        """In a run made for stacked children (``stacked_numerics`` in stability_config.json: it
+        was created with parallel_children > 1), the parent and every child train on CUDA with the
+        eager attention of stacked children, so that a stacked control follows its parent."""
+        from .parallel_children import StackedModel, use_eager_attention
+
+        # (Trainer.__init__ calls model_init before _stacked_numerics exists)
+        if (
+            model is not None
+            and getattr(self, "_stacked_numerics", False)
+            and not isinstance(model, StackedModel)
+            and self.args.device.type == "cuda"
+        ):
+            use_eager_attention(model)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         if self._stacked_optimizer_state is not None:
@@ -273,7 +312,23 @@ class StabilityTrainer(Trainer):
 
     def butterfly(self) -> ButterflyResult:
         """Train the parent and every child; write and return the run directory's summary."""
+        with deterministic_algorithms(self.stability_args.deterministic):
+            try:
+                return self._butterfly()
+            except HfStabilityError:
+                raise
+            except Exception as err:  # a full disk in the Trainer's own writes (checkpoints) too
+                full = disk_full_error(err, self.args.output_dir)
+                if full is None:
+                    raise
+                raise full from err
+
+    def _butterfly(self) -> ButterflyResult:
         self._check_butterfly_arguments()
+        if self.stability_args.deterministic and self.stability_args.parallel_children > 1:
+            logger.warning("deterministic=True with parallel_children=%d: stacked children run batched kernels, so "
+                           "their control ends within rounding of the parent, not bitwise equal to it. Use "
+                           "parallel_children=1 for a zero noise floor.", self.stability_args.parallel_children)
         sargs = self.stability_args
         max_steps = self._planned_max_steps()
         late = [t for t in sargs.spawn_steps if t >= max_steps]
@@ -293,6 +348,13 @@ class StabilityTrainer(Trainer):
         failure = self._broadcast_object(failure)  # every rank stops, not only rank 0
         if failure is not None:
             raise failure
+        # The run's numerics are fixed when it is created: a resumed run keeps its parent's.
+        stacked = bool(run.load_config().get("stacked_numerics")) if self.is_world_process_zero() else None
+        self._stacked_numerics = self._broadcast_object(stacked)
+        if sargs.parallel_children > 1 and not self._stacked_numerics and self.args.device.type == "cuda":
+            logger.warning("This run was created with parallel_children=1: its parent used fused dropout and attention "
+                           "kernels, which stacked children cannot use, so their control will not follow the parent "
+                           "closely. Use parallel_children=1 here, or --overwrite_run to train the parent again.")
 
         saved = (self.args.output_dir, self.args.save_total_limit)
         jobs = [(t, k) for t in sargs.spawn_steps for k in sargs.child_indices()]
@@ -428,10 +490,11 @@ class StabilityTrainer(Trainer):
 
         sargs = self.stability_args
         spawn = run.parent_checkpoint(t)
-        if not is_complete_checkpoint(spawn):
+        problem = checkpoint_problem(spawn)
+        if problem is not None:
             raise RunDirectoryError(
-                f"The spawn checkpoint {spawn} is missing or incomplete. Re-run with --overwrite_run to train the "
-                "parent again."
+                f"The spawn checkpoint {spawn} is unusable: {problem}. Re-run with --overwrite_run to train the parent "
+                "again."
             )
         original_model, original_init = self.model, self.model_init
         template = original_model if original_model is not None else self.call_model_init()
@@ -571,6 +634,9 @@ class StabilityTrainer(Trainer):
             "stability_arguments": sargs.to_dict(),
             "training_arguments": training,
             "versions": _library_versions(),
+            "hardware": hardware_record(self.args.device),
+            # made for stacked children: every model trains with their dropout (and, on CUDA, attention)
+            "stacked_numerics": sargs.parallel_children > 1,
             "identity": identity,
         }
 
@@ -579,11 +645,12 @@ class StabilityTrainer(Trainer):
 
     def _train_parent(self, run: RunDirectory, max_steps: int) -> None:
         if run.parent_final.is_dir():
-            missing = [t for t in self.stability_args.spawn_steps if not is_complete_checkpoint(run.parent_checkpoint(t))]
+            problems = {t: checkpoint_problem(run.parent_checkpoint(t)) for t in self.stability_args.spawn_steps}
+            missing = [f"{run.parent_checkpoint(t).name} ({problem})" for t, problem in problems.items() if problem]
             if missing:
                 raise RunDirectoryError(
-                    f"The parent has finished but its spawn checkpoints {missing} are missing or incomplete in "
-                    f"{run.parent_dir}. Re-run with --overwrite_run to train the parent again."
+                    f"The parent has finished but spawn checkpoints in {run.parent_dir} are unusable: "
+                    f"{'; '.join(missing)}. Re-run with --overwrite_run to train the parent again."
                 )
             return
         sargs = self.stability_args
@@ -626,10 +693,11 @@ class StabilityTrainer(Trainer):
         sargs = self.stability_args
         directory = run.child_dir(t, k)
         spawn = run.parent_checkpoint(t)
-        if not is_complete_checkpoint(spawn):
+        problem = checkpoint_problem(spawn)
+        if problem is not None:
             raise RunDirectoryError(
-                f"The spawn checkpoint {spawn} is missing or incomplete. Re-run with --overwrite_run to train the "
-                "parent again."
+                f"The spawn checkpoint {spawn} is unusable: {problem}. Re-run with --overwrite_run to train the parent "
+                "again."
             )
         if self.is_world_process_zero():
             directory.mkdir(parents=True, exist_ok=True)
@@ -666,6 +734,7 @@ class StabilityTrainer(Trainer):
         self.optimizer, self.lr_scheduler = None, None
         enable_full_determinism(self.args.seed) if self.args.full_determinism else set_seed(self.args.seed)
         self.callback_handler.callbacks.extend(callbacks)  # (add_callback warns on a second instance of a class)
+        self._match_stacked(self.model)
         try:
             self.train(resume_from_checkpoint=str(resume) if resume is not None else None)
         finally:

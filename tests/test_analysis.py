@@ -1,5 +1,6 @@
 """hf_stability.analysis: exact measures, 1 and 2 processes alike, clear errors."""
 
+import dataclasses
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from hf_stability.analysis import (
     layerwise_cka,
     linear_cka,
 )
+from hf_stability.analysis.noise_floor import compare_with_floor, within_floor
 from hf_stability.errors import AnalysisDataError, RunDirectoryError
 from hf_stability.metrics import load_metric
 
@@ -178,7 +180,7 @@ def small_run(tmp_path_factory):
 def test_analyze_run_writes_a_report_with_every_child_and_the_floor(small_run):
     report = analyze_run(small_run, AnalyzeArguments(train_samples=32, batch_size=16, pairs="all", cpu=True))
     saved = json.loads((small_run / "analysis" / "report.json").read_text())
-    assert saved["schema_version"] == 2 and saved["settings"]["eval_samples"] == 64
+    assert saved["schema_version"] == 3 and saved["settings"]["eval_samples"] == 64
     assert saved["settings"]["alignment"]["method"] == "weight"
     assert saved["settings"]["alignment"]["architecture"].startswith("BertForSequenceClassification")
     kinds = [(p["spawn_step"], p["kind"], p["a"], p["b"]) for p in saved["pairs"]]
@@ -194,8 +196,15 @@ def test_analyze_run_writes_a_report_with_every_child_and_the_floor(small_run):
             assert pair["barriers"]["eval"]["loss"]["barrier"] == pytest.approx(0.0, abs=1e-12)
             assert aligned["units_moved"] == 0 and aligned["l2"]["l2"] == 0.0
             assert aligned["barriers"]["eval"]["loss"]["barrier"] == pytest.approx(0.0, abs=1e-12)
+            assert pair["noise_floor"] is None
         elif pair["kind"] == "parent-child":
             assert pair["l2"]["l2"] > 0 and pair["amplification"] == pytest.approx(pair["l2"]["l2"] / pair["perturbation_l2"])
+            # on a CPU the floor is exactly 0, so a child that moved is beyond it
+            floor = pair["noise_floor"]
+            assert floor["factor"] == 2.0 and floor["figures"]["l2"] == {"value": pair["l2"]["l2"], "floor": 0.0, "within": False}
+            assert floor["indistinguishable"] is False
+        else:
+            assert pair["noise_floor"] is None
     summary = {row["spawn_step"]: row for row in saved["summary"]}
     assert summary[0]["num_children"] == 2 and summary[0]["control"]["l2"] == 0.0
     assert summary[0]["control"]["aligned_loss_barrier_eval"] == pytest.approx(0.0, abs=1e-12)
@@ -203,6 +212,46 @@ def test_analyze_run_writes_a_report_with_every_child_and_the_floor(small_run):
     l2s = [p["l2"]["l2"] for p in saved["pairs"] if p["spawn_step"] == 0 and p["kind"] == "parent-child" and not p["is_control"]]
     assert summary[0]["children"]["l2"]["mean"] == pytest.approx(sum(l2s) / 2)
     assert report["summary"] == saved["summary"]
+    assert all(row["indistinguishable_from_floor"] == 0 for row in saved["summary"])
+    perturbation = {(d["spawn_step"], d["child"]): d["perturbation_l2"] for d in saved["divergence"]}
+    assert perturbation[(0, 0)] == 0.0 and perturbation[(0, 1)] > 0
+
+
+def test_an_analysis_is_reused_until_its_arguments_or_models_change(small_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    args = AnalyzeArguments(train_samples=16, batch_size=16, alphas=3, alignment="none", cpu=True)
+    first = analyze_run(run, args)
+    path = run / "analysis" / "report.json"
+    assert first["inputs"]["arguments"]["alphas"] == 3 and "reanalyze" not in first["inputs"]["arguments"]
+    written = path.stat().st_mtime_ns
+    assert analyze_run(run, args) == first and path.stat().st_mtime_ns == written  # reused, not rewritten
+    other = analyze_run(run, dataclasses.replace(args, alphas=4))  # other arguments: measured again
+    assert other["settings"]["alphas"] == 4 and path.stat().st_mtime_ns > written
+    written = path.stat().st_mtime_ns
+    again = analyze_run(run, dataclasses.replace(args, alphas=4, reanalyze=True))
+    assert path.stat().st_mtime_ns > written and again["pairs"] == other["pairs"]
+    # a child trained again after the report: measured again
+    weights = run / "children" / "t4" / "c1" / "final" / "model.safetensors"
+    os.utime(weights, ns=(path.stat().st_mtime_ns + 1, path.stat().st_mtime_ns + 1))
+    written = path.stat().st_mtime_ns
+    analyze_run(run, dataclasses.replace(args, alphas=4))
+    assert path.stat().st_mtime_ns > written
+
+
+def test_a_child_within_twice_the_floor_on_every_figure_is_indistinguishable_from_it():
+    control = {"l2": 1.0, "loss_barrier_eval": 0.1, "error_barrier_eval": 0.0}
+    close = compare_with_floor({"l2": 2.0, "loss_barrier_eval": 0.15, "error_barrier_eval": 0.0}, control)
+    assert close["indistinguishable"] and all(f["within"] for f in close["figures"].values())
+    far = compare_with_floor({"l2": 2.01, "loss_barrier_eval": 0.15, "error_barrier_eval": 0.0}, control)
+    assert not far["indistinguishable"] and far["figures"]["l2"] == {"value": 2.01, "floor": 1.0, "within": False}
+    # a figure that was not measured does not count; a negative (numerical) floor counts as 0
+    partial = compare_with_floor({"l2": 1.5, "loss_barrier_eval": None, "error_barrier_eval": 0.0},
+                                 {"l2": 1.0, "loss_barrier_eval": -1e-9, "error_barrier_eval": 0.0})
+    assert partial["indistinguishable"] and partial["figures"]["loss_barrier_eval"]["within"] is None
+    assert within_floor(1e-12, -1e-9) is False
+    assert compare_with_floor({"l2": 1.0}, None) is None
+    assert compare_with_floor({"l2": None}, {"l2": None})["indistinguishable"] is False
 
 
 def test_analyze_run_records_activation_matching_or_no_alignment(small_run, tmp_path):
@@ -239,6 +288,7 @@ def test_two_processes_give_the_numbers_of_one(small_run, tmp_path):
     one = analyze_run(small_run, AnalyzeArguments(train_samples=48, batch_size=16, pairs="all", pooling="mean", cpu=True))
     copy = tmp_path / "run"
     shutil.copytree(small_run, copy)
+    shutil.rmtree(copy / "analysis")  # (else the same arguments would reuse the report of one process)
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), str(SCRIPTS / "analyze_two_processes.py"), str(copy)]
@@ -249,8 +299,6 @@ def test_two_processes_give_the_numbers_of_one(small_run, tmp_path):
     a, b = dict(_floats(one["pairs"])), dict(_floats(two["pairs"]))
     assert a.keys() == b.keys() and len(a) > 100 and any(".aligned.barriers" in key for key in a)
     for key, value in a.items():
-        if key.endswith(".seconds"):  # wall time of the alignment
-            continue
         assert b[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
 
 

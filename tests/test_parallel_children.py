@@ -8,11 +8,16 @@ import json
 import math
 
 import pytest
-from helpers import tiny_trainer
+import torch
+from helpers import tiny_bert, tiny_trainer
 from safetensors.torch import load_file
+from torch import nn
+from torch.func import vmap
+from torch.nn import functional as F
 
 from hf_stability import StabilityArguments
 from hf_stability.errors import HfStabilityError
+from hf_stability.parallel_children import SameMaskDropout, _activation_shape, estimate_bytes, use_eager_attention
 
 
 def _study(out, parallel, **overrides):
@@ -76,3 +81,60 @@ def test_what_stacked_children_cannot_do_is_refused_before_training(tmp_path, ch
     with pytest.raises(HfStabilityError, match=message):
         _study(tmp_path / "run", 2, **change)
     assert not (tmp_path / "run" / "parent").exists()
+
+
+def test_same_mask_dropout_draws_the_masks_that_stacked_children_draw():
+    x = torch.randn(4, 8, 16)
+    torch.manual_seed(1)
+    native = F.dropout(x, 0.1, training=True)
+    torch.manual_seed(1)
+    with SameMaskDropout():
+        ours = nn.Dropout(0.1)(x)
+        after = torch.rand(3)
+    torch.manual_seed(1)
+    stacked = vmap(lambda t: F.dropout(t, 0.1, training=True), randomness="same")(torch.stack([x, 2 * x]))
+    stacked_after = torch.rand(3)
+    # one mask for all children, the one a model alone draws under the mode, from the same RNG draws
+    assert torch.equal(ours, stacked[0]) and torch.equal(2 * ours, stacked[1]) and torch.equal(after, stacked_after)
+    assert torch.equal(ours, native)  # on a CPU, F.dropout draws its mask the same way
+    with SameMaskDropout():
+        assert F.dropout(x, 0.1, training=False) is x and F.dropout(x, 0.0, training=True) is x
+        y = x.clone()
+        torch.manual_seed(1)
+        out = F.dropout(y, 0.1, training=True, inplace=True)
+    assert out is y and torch.equal(y, native)
+
+
+def test_eager_attention_keeps_the_function_of_transformers_and_timm_models():
+    from hf_stability.tasks import ImageModelArguments, build_image_model
+
+    pixels = torch.randn(2, 1, 28, 28)
+    for model_type in ("vit", "timm"):
+        model = build_image_model(ImageModelArguments(model_type=model_type, model_name_or_path="", num_hidden_layers=2),
+                                  num_labels=5).eval()
+        if model_type == "timm":
+            for module in model.modules():
+                if hasattr(module, "fused_attn"):
+                    module.fused_attn = True
+        before = model(pixel_values=pixels).logits
+        use_eager_attention(model)
+        assert not any(getattr(m, "fused_attn", False) for m in model.modules())
+        assert getattr(model.config, "_attn_implementation", "eager") == "eager"
+        assert torch.allclose(model(pixel_values=pixels).logits, before, atol=1e-5)
+
+
+def test_memory_estimate_reads_the_shape_of_text_and_vision_transformers():
+    from transformers import TrainingArguments
+
+    from hf_stability.tasks import ImageModelArguments, build_image_model
+
+    args = TrainingArguments(output_dir="unused", per_device_train_batch_size=8, use_cpu=True, report_to="none")
+    for model_type in ("vit", "timm"):
+        model = build_image_model(ImageModelArguments(model_type=model_type, model_name_or_path=""), num_labels=5)
+        width, blocks, tokens = _activation_shape(model)
+        assert (width, blocks, tokens) == (192, 6, (28 // 4) ** 2 + 1)
+        params = sum(p.numel() for p in model.parameters())
+        assert estimate_bytes(model, 2, args, None) == 2 * (params * 16 + 40 * 192 * 8 * tokens * 6 * 4)
+    bert = tiny_bert(0)
+    assert _activation_shape(bert) == (bert.config.hidden_size, bert.config.num_hidden_layers,
+                                       bert.config.max_position_embeddings)

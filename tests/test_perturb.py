@@ -188,11 +188,13 @@ def test_invalid_configs_are_refused_with_a_clear_message(kwargs, message):
         PerturbationConfig(**kwargs)
 
 
-def test_include_pattern_matching_nothing_is_refused_and_model_untouched():
+def test_include_or_exclude_pattern_matching_nothing_is_refused_and_model_untouched():
     model = tiny_bert()
     before = _params(model)
     with pytest.raises(NoMatchingParametersError, match="match no parameter"):
         perturb_model(model, PerturbationConfig(scale=0.1, include=[r"^decoder\."]))
+    with pytest.raises(NoMatchingParametersError, match=r"patterns \['classfier'\] .* match no parameter"):
+        perturb_model(model, PerturbationConfig(scale=0.1, exclude=["classfier"]))  # a typo would spare nothing
     with pytest.raises(NoMatchingParametersError, match="remove every parameter"):
         perturb_model(model, PerturbationConfig(scale=0.1, include=["pooler"], exclude=["pooler"]))
     assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())

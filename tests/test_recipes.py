@@ -121,3 +121,43 @@ def test_every_key_of_a_recipe_config_is_a_flag_of_its_recipe(script, config):
                 f"runpy.run_path('{RECIPES / script}', run_name='__main__')"])
     flags = {f"--{key}" for key in data}
     assert all(flag in out for flag in flags), sorted(f for f in flags if f not in out)
+
+
+def test_a_config_file_with_flags_after_it_and_a_random_init_text_model(tmp_path):
+    run_dir = tmp_path / "text"
+    config = tmp_path / "study.json"
+    config.write_text(json.dumps({"output_dir": str(run_dir), "max_train_samples": 48, "max_eval_samples": 32,
+                                  "max_length": 24, "max_steps": 6, "spawn_steps": [0, 2], "num_children": 1,
+                                  "divergence_every": 2, "analyze": False, "random_init": True}))
+    _run([sys.executable, str(RECIPES / "butterfly_text_classification.py"), str(config), "--max_steps", "4",
+          *TINY_TRAINING])
+    saved = json.loads((run_dir / "stability_config.json").read_text())
+    assert saved["max_steps"] == 4 and saved["spawn_steps"] == [0, 2]  # the flag overrides the file; the rest stays
+    assert saved["stability_arguments"]["base_model"] is None
+    # random initialisation: not MiniLM's pretrained weights
+    from hf_stability.data import minilm_path
+
+    pretrained = load_file(str(minilm_path() / "model.safetensors"))
+    start = load_file(str(run_dir / "parent" / "initial" / "model.safetensors"))
+    ours, theirs = start["bert.embeddings.word_embeddings.weight"], pretrained["embeddings.word_embeddings.weight"]
+    assert ours.shape == theirs.shape and not ours.equal(theirs)
+    assert not (run_dir / "analysis").exists()
+
+
+def test_config_files_that_cannot_be_read_are_refused_with_what_to_do(tmp_path):
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from hf_stability import StabilityArguments
+    from hf_stability.errors import HfStabilityError
+    from hf_stability.recipe import parse_args
+
+    parser = HfArgumentParser((StabilityArguments, TrainingArguments))
+    with pytest.raises(HfStabilityError, match=r"does not exist: give the path of a JSON or YAML file"):
+        parse_args(parser, [str(tmp_path / "missing.json"), "--num_children", "2"])
+    config = tmp_path / "typo.yaml"
+    config.write_text("output_dir: runs/x\nnum_childs: 3\n")
+    with pytest.raises(HfStabilityError, match=r"no option of this recipe: \['num_childs'\]"):
+        parse_args(parser, [str(config), "--seed", "1"])
+    config.write_text("output_dir: runs/x\nnum_children: 3\nseed: 5\n")
+    stability, training = parse_args(parser, [str(config), "--seed", "1"])
+    assert stability.num_children == 3 and training.seed == 1 and training.output_dir == "runs/x"

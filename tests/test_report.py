@@ -51,8 +51,8 @@ def _digests(folder: Path) -> dict[str, str]:
 def test_report_renders_every_plot_and_a_card_built_from_the_numbers(analysed_run):
     run, _ = analysed_run
     plots = sorted(p.name for p in (run / "analysis" / "plots").glob("*.png"))
-    assert plots == ["aligned_vs_unaligned.png", "barrier_vs_spawn_step.png", "cka_per_layer.png", "divergence.png",
-                     "metric_along_alpha.png"]
+    assert plots == ["aligned_vs_unaligned.png", "amplification_vs_spawn_step.png", "barrier_vs_spawn_step.png",
+                     "cka_per_layer.png", "divergence.png", "divergence_normalized.png", "metric_along_alpha.png"]
     for name in plots:
         with Image.open(run / "analysis" / "plots" / name) as image:
             assert image.format == "PNG" and image.width >= 600 and image.height >= 300
@@ -73,6 +73,29 @@ def test_report_renders_every_plot_and_a_card_built_from_the_numbers(analysed_ru
     for name in plots:
         assert f"(plots/{name})" in text
     assert str(run) not in text  # no local paths in what gets published
+    # every perturbed child beside its control, with its amplification; on a CPU the floor is 0
+    assert "## Children against the noise floor" in text
+    for pair in (p for p in report["pairs"] if p["kind"] == "parent-child" and not p["is_control"]):
+        row = (f"| {pair['spawn_step']} | {pair['child']} | {pair['l2']['l2']:.4g} (0) | "
+               f"{pair['barriers']['eval']['loss']['barrier']:.4g} (")
+        assert row in text and f"| {pair['amplification']:.4g} | beyond the floor |" in text
+
+
+def test_a_child_within_twice_its_floor_is_marked_indistinguishable_in_the_card(analysed_run, tmp_path):
+    run = _copy(analysed_run[0], tmp_path)
+    path = run / "analysis" / "report.json"
+    report = json.loads(path.read_text())
+    child = next(p for p in report["pairs"] if p["kind"] == "parent-child" and not p["is_control"])
+    # as if the hardware alone had moved the control as far as the child
+    child["noise_floor"]["figures"]["l2"].update(floor=child["l2"]["l2"], within=True)
+    for key in ("loss_barrier_eval", "error_barrier_eval"):
+        child["noise_floor"]["figures"][key]["within"] = True
+    child["noise_floor"]["indistinguishable"] = True
+    path.write_text(json.dumps(report))
+    write_report(run)
+    text = (run / "analysis" / "README.md").read_text()
+    assert f"| {child['spawn_step']} | {child['child']} | {child['l2']['l2']:.4g} ({child['l2']['l2']:.4g}) |" in text
+    assert text.count("| indistinguishable from the noise floor |") == 1
 
 
 def test_a_separated_spawn_step_is_called_another_basin(analysed_run, tmp_path):
@@ -121,7 +144,7 @@ def test_push_uploads_byte_identical_files_with_the_token_and_never_writes_it(an
     assert TOKEN not in result.stdout + result.stderr
     assert "Pushed: " in result.stdout
     assert _digests(run) == before
-    for path in run.rglob("*"):
+    for path in tmp_path.rglob("*"):  # the run directory, HF_HOME and anything else the push wrote
         if path.is_file():
             assert TOKEN.encode() not in path.read_bytes(), path
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import torch
 from helpers import model_state, tiny_bert, tiny_trainer, training_args, tweets
 from safetensors.torch import load_file
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from hf_stability import (
     HfStabilityError,
@@ -138,10 +139,23 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kill", [("parent", 2), ("parent", 7), ("children/t0/c2", 6), ("children/t5/c1", 9)])
-def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted, kill):
+KILL_POINTS = [
+    ("parent", 2), ("parent", 7),           # during the parent (before and after a spawn checkpoint)
+    ("children/t5/c0", "begin"),            # between children: t0's are complete, t5's not begun
+    ("children/t0/c2", 6), ("children/t5/c1", 9),  # during a child (with and without its own checkpoint)
+    ("analysis", 5),                        # during the analysis
+    ("report", "plots"),                    # during report writing: plots written, card not
+]
+
+
+@pytest.mark.parametrize("kill", KILL_POINTS, ids=lambda k: f"{k[0]}@{k[1]}")
+def test_killed_study_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted, kill):
     killed = _run_script(tmp_path, *kill)
     assert killed.returncode == -9, killed.stderr[-2000:]
+    # nothing partial is taken as complete: no report before the analysis ends, no card before the report does
+    assert not (tmp_path / "analysis" / "README.md").exists()
+    if kill[0] != "report":
+        assert not (tmp_path / "analysis" / "report.json").exists()
     done_before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("children/*/*/final/model.safetensors")}
     resumed = _run_script(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -154,6 +168,29 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted,
             a = (tmp_path / f"children/t{t}/c{k}" / name).read_text()
             b = (uninterrupted / f"children/t{t}/c{k}" / name).read_text()
             assert a == b, name
+    for name in ("report.json", "README.md"):
+        assert (tmp_path / "analysis" / name).read_text() == (uninterrupted / "analysis" / name).read_text(), name
+    plots = sorted(p.name for p in (tmp_path / "analysis" / "plots").iterdir())
+    assert plots == sorted(p.name for p in (uninterrupted / "analysis" / "plots").iterdir())
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name], "a temporary file was left behind"
+
+
+@pytest.mark.parametrize("limit", [2_000_000, 6_000_000], ids=["own-write", "trainer-checkpoint"])
+def test_a_full_disk_stops_the_study_clearly_and_it_resumes_after(tmp_path, uninterrupted, limit):
+    """2 MB: hf_stability's own first write (the parent's initial weights, 4 MB) fails; 6 MB: the
+    Trainer's first checkpoint (its optimizer state, 8 MB) fails."""
+    failed = _run_script(tmp_path, "disk", limit)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    error = failed.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: Writing ") and "the disk is full or failing (" in error, error
+    assert "run the same command again" in error and "Traceback" not in failed.stderr
+    assert not list(tmp_path.rglob("final")) and not list(tmp_path.rglob("*.tmp"))
+    # nothing partial counts as complete: space back, the same command finishes as if never stopped
+    resumed = _run_script(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for final in _all_finals(tmp_path):
+        assert _equal(_weights(tmp_path / final), _weights(uninterrupted / final)), final
+    assert (tmp_path / "analysis" / "report.json").read_text() == (uninterrupted / "analysis" / "report.json").read_text()
 
 
 def test_run_of_another_configuration_is_refused_unless_overwrite(tmp_path):
@@ -249,3 +286,33 @@ def test_a_second_butterfly_on_the_same_trainer_finds_its_own_run(tmp_path):
     assert [(c.spawn_step, c.child, c.status) for c in again.children] == [
         (c.spawn_step, c.child, c.status) for c in first.children
     ]
+
+
+class _FlagsDuringTraining(TrainerCallback):
+    """Records the global determinism settings at every step (a callback that only observes)."""
+
+    def __init__(self):
+        self.seen = set()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seen.add((torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+
+
+def test_deterministic_run_sets_the_flags_while_training_records_them_and_restores_them(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    stability = StabilityArguments(spawn_steps=[0, 3], num_children=1, perturbation_scale=0.5, deterministic=True)
+    trainer = tiny_trainer(tmp_path, stability, max_steps=6)
+    flags = _FlagsDuringTraining()
+    trainer.add_callback(flags)
+    trainer.butterfly()
+    assert flags.seen == {(True, ":4096:8")}
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    config = json.loads((tmp_path / "stability_config.json").read_text())
+    assert config["hardware"] == {"device": "cpu", "deterministic_algorithms": True,
+                                  "cublas_workspace_config": ":4096:8", "tf32_matmul": None}
+    for t in (0, 3):
+        assert _equal(_weights(tmp_path / f"children/t{t}/c0/final"), _weights(tmp_path / "parent/final"))
+    # deterministic is part of the run's identity: the same directory without it is another run
+    with pytest.raises(RunConfigMismatchError, match="deterministic: True -> False"):
+        tiny_trainer(tmp_path, StabilityArguments(spawn_steps=[0, 3], num_children=1, perturbation_scale=0.5),
+                     max_steps=6).butterfly()

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,12 @@ from .barrier import barriers
 from .distance import l2_distance
 from .evaluation import EvalData, EvalSums, Evaluator
 from .loading import load_final_model, load_run_data, run_collator
+from .noise_floor import compare_with_floor
 from .representations import POOLINGS, compare_representations
 
 logger = logging.getLogger(__name__)
 
-REPORT_SCHEMA_VERSION = 2
+REPORT_SCHEMA_VERSION = 3
 PAIRS = ("parent-child", "child-child", "all")
 ALIGNMENTS = ("weight", "activation", "none")
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,6 +60,11 @@ class AnalyzeArguments:
         default=256, metadata={"help": "Examples for activation matching (from the train split, else eval_split)."}
     )
     cpu: bool = field(default=False, metadata={"help": "Evaluate on the CPU even when a GPU is present."})
+    reanalyze: bool = field(
+        default=False,
+        metadata={"help": "Analyse again even when analysis/report.json already holds this run's analysis with "
+                  "these arguments (by default such a report is reused, so a restarted study skips it)."},
+    )
 
     def __post_init__(self) -> None:
         if self.pairs not in PAIRS:
@@ -102,6 +108,34 @@ def _scalars(pair: dict[str, Any]) -> dict[str, float | None]:
     return out
 
 
+def _perturbation_l2(run: RunDirectory, spawn_step: int, child: int) -> float:
+    """L2 norm of the change a child's perturbation made (0 for the control and for kinds that
+    change no weight)."""
+    path = run.child_dir(spawn_step, child) / "perturbation.json"
+    record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return float(record.get("change_l2") or 0.0)
+
+
+def _existing_report(run: RunDirectory, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's report.json when it was made from the same run, children and arguments (and this
+    schema), after every final model was written; None otherwise. The file is written atomically,
+    so a report that exists is whole."""
+    path = run.analysis_dir / "report.json"
+    if not path.is_file():
+        return None
+    finals = [run.parent_final] + [run.child_final(*map(int, name[1:].split("/c"))) for name in inputs["children"]]
+    weights = [f for final in finals if final.is_dir() for f in final.glob("*.safetensors")]
+    if any(f.stat().st_mtime_ns > path.stat().st_mtime_ns for f in weights):
+        return None  # a model was trained again since
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if report.get("schema_version") != REPORT_SCHEMA_VERSION or report.get("inputs") != inputs:
+        return None
+    return report
+
+
 def _first(dataset: Any, n: int) -> Any:
     """The first ``n`` examples of a ``datasets.Dataset`` or of any sequence of feature dicts."""
     n = min(n, len(dataset))
@@ -130,6 +164,17 @@ def analyze_run(
     args = args or AnalyzeArguments()
     run = RunDirectory(run_dir)
     config = run.load_config()
+    inputs = {
+        "arguments": {k: v for k, v in asdict(args).items() if k != "reanalyze"},
+        "fingerprint": config.get("fingerprint"),
+        "children": {f"t{t}/c{k}": run.child_status(t, k) for t in config["spawn_steps"] for k in config["children"]},
+    }
+    if not args.reanalyze and eval_data is None and train_data is None and collate_fn is None:
+        done = _existing_report(run, inputs)
+        if done is not None:
+            logger.info("%s already holds this analysis (same run, children and arguments): reused; pass "
+                        "--reanalyze to measure again.", run.analysis_dir / "report.json")
+            return done
     evaluator = Evaluator(accelerator=accelerator, device="cpu" if args.cpu else None, autocast_dtype=AUTOCAST[args.autocast])
     collate = collate_fn or run_collator(run)
     eval_dataset = eval_data if eval_data is not None else load_run_data(run, args.eval_split)
@@ -219,14 +264,13 @@ def analyze_run(
             name_a = "parent" if i is None else f"t{t}/c{i}"
             model_a = parent if i is None else children[i]
             pair = measure(name_a, model_a, f"t{t}/c{j}", children[j])
-            record_file = run.child_dir(t, j) / "perturbation.json"
-            record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
-            perturbation_l2 = record.get("change_l2") or 0.0
+            perturbation_l2 = _perturbation_l2(run, t, j)
             pair.update(
                 spawn_step=t,
                 kind=kind,
                 child=j,
                 is_control=(j == control) and kind == "parent-child",
+                noise_floor=None,  # filled below for perturbed parent-child pairs
                 perturbation_l2=perturbation_l2,
                 amplification=pair["l2"]["l2"] / perturbation_l2 if kind == "parent-child" and perturbation_l2 > 0 else None,
             )
@@ -237,20 +281,28 @@ def analyze_run(
         for k in config["children"]:
             records = read_jsonl(run.child_dir(t, k) / "divergence.jsonl")
             divergence.append({"spawn_step": t, "child": k, "is_control": k == control,
+                               "perturbation_l2": _perturbation_l2(run, t, k),
                                "steps": [r["step"] for r in records], "l2": [r["l2"] for r in records]})
 
     summary = []
     for t in config["spawn_steps"]:
         mine = [p for p in pairs if p["spawn_step"] == t and p["kind"] == "parent-child"]
         controls = [_scalars(p) for p in mine if p["is_control"]]
-        perturbed = [_scalars(p) for p in mine if not p["is_control"]]
+        floor = controls[0] if controls else None
+        perturbed = []
+        for pair in mine:
+            if not pair["is_control"]:
+                perturbed.append(_scalars(pair))
+                pair["noise_floor"] = compare_with_floor(perturbed[-1], floor)
         keys = list(perturbed[0]) if perturbed else []
         summary.append(
             {
                 "spawn_step": t,
                 "num_children": len(perturbed),
-                "control": controls[0] if controls else None,
+                "control": floor,
                 "children": {key: _mean_std([row[key] for row in perturbed]) for key in keys},
+                "indistinguishable_from_floor": None if floor is None else sum(
+                    bool((p.get("noise_floor") or {}).get("indistinguishable")) for p in mine if not p["is_control"]),
             }
         )
 
@@ -258,6 +310,7 @@ def analyze_run(
     report = {
         "schema_version": REPORT_SCHEMA_VERSION,
         "generated_by": f"hf_stability {__version__}",
+        "inputs": inputs,
         "run": {
             "fingerprint": config.get("fingerprint"),
             "max_steps": config["max_steps"],

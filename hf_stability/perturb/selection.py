@@ -12,17 +12,20 @@ from ..errors import NoMatchingParametersError
 
 def select_parameters(model: nn.Module, include: list[str], exclude: list[str]) -> dict[str, nn.Parameter]:
     """Floating-point parameters whose name matches an include pattern (all when none is given)
-    and no exclude pattern, in the model's own order. Raises when nothing is selected."""
+    and no exclude pattern, in the model's own order. Raises when a pattern matches no parameter
+    or nothing is selected."""
     floating = {name: p for name, p in model.named_parameters() if p.is_floating_point()}
+    example = ", ".join(list(floating)[:4])
+    # every pattern must match something: a mistyped exclude would silently perturb what it was meant to spare
+    unmatched = [pat for pat in [*include, *exclude] if not any(re.search(pat, name) for name in floating)]
+    if unmatched:
+        raise NoMatchingParametersError(
+            f"The patterns {unmatched} (of include={include}, exclude={exclude}) match no parameter of "
+            f"{type(model).__name__}: fix or remove them. Parameter names look like: {example}, ..."
+        )
     included = {
         name: p for name, p in floating.items() if not include or any(re.search(pat, name) for pat in include)
     }
-    example = ", ".join(list(floating)[:4])
-    if include and not included:
-        raise NoMatchingParametersError(
-            f"The include patterns {include} match no parameter of {type(model).__name__}. "
-            f"Parameter names look like: {example}, ..."
-        )
     selected = {name: p for name, p in included.items() if not any(re.search(pat, name) for pat in exclude)}
     if not selected:
         raise NoMatchingParametersError(

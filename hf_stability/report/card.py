@@ -14,6 +14,8 @@ FIGURES = {
     "barrier_vs_spawn_step.png": "Loss and error barriers against the spawn step, with the noise floor",
     "aligned_vs_unaligned.png": "Barriers before and after permutation alignment",
     "divergence.png": "L2 distance to the parent during training, every child",
+    "divergence_normalized.png": "The same distance divided by the L2 of each child's perturbation",
+    "amplification_vs_spawn_step.png": "Amplification (final L2 / perturbation L2) of every child, by spawn step",
     "metric_along_alpha.png": "Eval loss and error along the linear path",
     "cka_per_layer.png": "Linear CKA between parent and children, per layer",
 }
@@ -28,8 +30,8 @@ def stability_section(report: dict[str, Any], plots: dict[str, Path] | None = No
     if aligned:
         header.append("loss barrier after alignment")
         keys.append("aligned_loss_barrier_eval")
-    header.append("disagreement")
-    keys.append("disagreement")
+    header += ["amplification", "disagreement"]
+    keys += ["amplification", "disagreement"]
     lines = ["## Summary", "", summary_paragraph(report), "", "## Results", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     separated = {f.spawn_step: f.separated for f in spawn_findings(report)}
@@ -41,12 +43,34 @@ def stability_section(report: dict[str, Any], plots: dict[str, Path] | None = No
             verdict = "another basin" if separated.get(row["spawn_step"]) else "same basin"
             lines.append(f"| {row['spawn_step']} | {row['num_children']} children ({verdict}) | "
                          + " | ".join(format_value(row["children"].get(k)) for k in keys) + " |")
+    lines += _floor_table(report)
     if plots:
         lines += ["", "## Figures", ""]
         for name, caption in FIGURES.items():
             if name in plots:
                 lines += [f"![{caption}]({plots_prefix}{name})", "", f"*{caption}.*", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _floor_table(report: dict[str, Any]) -> list[str]:
+    """Every perturbed child beside its control, marked where all its figures lie within
+    FLOOR_FACTOR x the floor (it cannot be told from the hardware's noise)."""
+    pairs = [p for p in report["pairs"] if p["kind"] == "parent-child" and p.get("noise_floor")]
+    if not pairs:
+        return []
+    explanation = (f"Each perturbed child's figures beside its control child's (in brackets). A child is "
+                   f"*indistinguishable from the noise floor* when every figure is at most {FLOOR_FACTOR:g}x the "
+                   "control's.")
+    header = "| spawn step | child | L2 to parent | loss barrier (eval) | error barrier (eval) | amplification | verdict |"
+    lines = ["", "## Children against the noise floor", "", explanation, "", header, "|---|---|---|---|---|---|---|"]
+    for pair in pairs:
+        figures = pair["noise_floor"]["figures"]
+        cells = [f"{format_value(figures[k]['value'])} ({format_value(figures[k]['floor'])})"
+                 for k in ("l2", "loss_barrier_eval", "error_barrier_eval")]
+        verdict = "indistinguishable from the noise floor" if pair["noise_floor"]["indistinguishable"] else "beyond the floor"
+        lines.append(f"| {pair['spawn_step']} | {pair['child']} | " + " | ".join(cells)
+                     + f" | {format_value(pair.get('amplification'))} | {verdict} |")
+    return lines
 
 
 def card_data(report: dict[str, Any]) -> Any:

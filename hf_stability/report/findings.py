@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-FLOOR_FACTOR = 2.0
+from ..analysis.noise_floor import FLOOR_FACTOR
+
 RELATIVE_BARRIER = 0.01
 
 
@@ -29,6 +30,7 @@ class SpawnFinding:
     aligned_std: float | None
     l2: float | None
     separated: bool
+    indistinguishable: int | None = None
 
     def sentence(self, method: str | None) -> str:
         if self.barrier is None:
@@ -41,6 +43,9 @@ class SpawnFinding:
         )
         if self.aligned is not None and method:
             text += f"; after {method} matching {_fmt(self.aligned)} +- {_fmt(self.aligned_std)}"
+        if self.indistinguishable:
+            text += (f"; {self.indistinguishable} of {self.num_children} cannot be told from the noise floor "
+                     f"(every figure within {FLOOR_FACTOR:g}x the control's)")
         return text
 
 
@@ -78,6 +83,7 @@ def spawn_findings(report: dict[str, Any]) -> list[SpawnFinding]:
             spawn_step=row["spawn_step"], num_children=row["num_children"], barrier=barrier, barrier_std=std,
             floor=floor, aligned=aligned, aligned_std=aligned_std, l2=l2,
             separated=barrier is not None and barrier > threshold,
+            indistinguishable=row.get("indistinguishable_from_floor"),
         ))
     return found
 

@@ -33,6 +33,14 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _finish(fig: Any, ax: Any, path: Path, title: str) -> Path:
+    """Title, legend, layout and the atomic save that every line plot ends with."""
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _perturbed(report: dict[str, Any], spawn_step: int) -> list[dict[str, Any]]:
     return [p for p in report["pairs"]
             if p["spawn_step"] == spawn_step and p["kind"] == "parent-child" and not p["is_control"]]
@@ -46,10 +54,22 @@ def _children_and_floor(report: dict[str, Any], key: str) -> tuple[list[int], li
     return [row["spawn_step"] for row in rows], stats, [(row["control"] or {}).get(key) for row in rows]
 
 
+def scale_small_values(ax: Any, values: list[float], linthresh: float) -> None:
+    """A symmetric-log y axis when the values span beyond ``linthresh``; otherwise a linear axis
+    in scientific notation (a symlog axis over values all below its threshold labels badly)."""
+    finite = [abs(v) for v in values if v is not None and math.isfinite(v)]
+    if finite and max(finite) > 10 * linthresh:
+        ax.set_yscale("symlog", linthresh=linthresh)
+    else:
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+
+
 def _step_axis(ax: Any, steps: list[int]) -> None:
     ax.set_xlabel("spawn step t (optimizer steps)")
     if len(steps) > 2 and max(steps) > 20 * max(1, sorted(steps)[1]):
-        ax.set_xscale("symlog", linthresh=max(1, sorted(steps)[1]))
+        linthresh = max(1, sorted(steps)[1])
+        ax.set_xscale("symlog", linthresh=linthresh)
+        ax.set_xlim(min(steps) - 0.3 * linthresh, max(steps) * 1.15)
     ax.set_xticks(steps)
     ax.set_xticklabels([str(s) for s in steps])
 
@@ -123,10 +143,50 @@ def plot_divergence(report: dict[str, Any], path: Path) -> Path:
         ax.set_yscale("symlog", linthresh=min(positive))
     ax.set_xlabel("training step")
     ax.set_ylabel("L2 distance to the parent (parameter space)")
-    ax.set_title("Divergence of every child from its parent")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _finish(fig, ax, path, "Divergence of every child from its parent")
+
+
+def plot_amplification(report: dict[str, Any], path: Path) -> Path | None:
+    """Amplification (final L2 to the parent / L2 of the perturbation itself) of every perturbed
+    child against its spawn step, with the mean per step. None when no child changed a weight."""
+    plt = _pyplot()
+    points = [(p["spawn_step"], p["amplification"]) for p in report["pairs"]
+              if p["kind"] == "parent-child" and not p["is_control"] and p.get("amplification")]
+    if not points:
+        return None
+    steps = sorted({t for t, _ in points})
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.scatter([t for t, _ in points], [a for _, a in points], color="tab:red", alpha=0.6, s=18, label="child")
+    means = [statistics.fmean(a for s, a in points if s == t) for t in steps]
+    ax.plot(steps, means, color="tab:red", lw=1.5, label="mean over children")
+    ax.axhline(1.0, color="0.4", ls="--", lw=1, label="1 (the perturbation neither grew nor shrank)")
+    ax.set_yscale("log")
+    _step_axis(ax, steps)
+    ax.set_ylabel("amplification: final L2 / perturbation L2")
+    return _finish(fig, ax, path, "How much training amplified the perturbation, by spawn step")
+
+
+def plot_divergence_normalized(report: dict[str, Any], path: Path) -> Path | None:
+    """Each perturbed child's divergence trajectory divided by the L2 of its perturbation:
+    1 at the spawn step, then how training grows or shrinks the difference."""
+    plt = _pyplot()
+    curves = [d for d in report["divergence"] if not d["is_control"] and d.get("perturbation_l2") and d["steps"]]
+    if not curves:
+        return None
+    steps = report["run"]["spawn_steps"]
+    colors = dict(zip(steps, plt.cm.viridis([i / max(1, len(steps) - 1) for i in range(len(steps))])))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    labelled: set[int] = set()
+    for d in curves:  # (the first point is right after the perturbation: 1 for a weight perturbation)
+        t = d["spawn_step"]
+        ax.plot(d["steps"], [v / d["perturbation_l2"] for v in d["l2"]], color=colors[t], lw=1.2,
+                label=None if t in labelled else f"spawned at t = {t}")
+        labelled.add(t)
+    ax.axhline(1.0, color="0.4", ls="--", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("L2 to the parent / L2 of the perturbation")
+    return _finish(fig, ax, path, "Divergence normalised by the perturbation's size")
 
 
 def plot_cka_heatmap(report: dict[str, Any], path: Path) -> Path | None:
@@ -194,6 +254,8 @@ PLOTS = {
     "barrier_vs_spawn_step.png": plot_barrier_vs_spawn_step,
     "metric_along_alpha.png": plot_metric_along_alpha,
     "divergence.png": plot_divergence,
+    "divergence_normalized.png": plot_divergence_normalized,
+    "amplification_vs_spawn_step.png": plot_amplification,
     "cka_per_layer.png": plot_cka_heatmap,
     "aligned_vs_unaligned.png": plot_aligned_vs_unaligned,
 }

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..atomic_io import write_json
 from .load import load_report
-from .plots import _children_and_floor, _pyplot, _save, _step_axis
+from .plots import _children_and_floor, _pyplot, _save, _step_axis, scale_small_values
 
 SWEEP_SCHEMA_VERSION = 1
 SWEEP_KEYS = ("l2", "aligned_l2", "loss_barrier_eval", "aligned_loss_barrier_eval", "error_barrier_eval")
@@ -44,6 +44,7 @@ def plot_sweep(runs: dict[float, str | Path], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     colors = plt.get_cmap("viridis")
     all_steps: set[int] = set()
+    values: list[float] = []
     for i, scale in enumerate(sorted(runs)):
         report = load_report(runs[scale])
         steps, stats, floors = _children_and_floor(report, "loss_barrier_eval")
@@ -53,11 +54,12 @@ def plot_sweep(runs: dict[float, str | Path], path: Path) -> Path:
         if any(f is not None for f in floors):
             ax.plot(steps, [math.nan if f is None else f for f in floors], ls="--", lw=1, color=color, alpha=0.7)
         all_steps.update(steps)
+        values += [m + sd for m, sd in stats] + [f for f in floors if f is not None]
     ax.plot([], [], ls="--", color="0.4", label="noise floor (control child, dashed)")
     ax.axhline(0, color="black", lw=0.6)
     _step_axis(ax, sorted(all_steps))
     ax.set_ylabel("eval loss barrier (nats)")
-    ax.set_yscale("symlog", linthresh=1e-3)
+    scale_small_values(ax, values, linthresh=1e-3)
     ax.set_title("Loss barrier between parent and children, by spawn step and perturbation scale")
     ax.legend(fontsize=8)
     fig.tight_layout()

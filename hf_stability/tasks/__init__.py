@@ -25,7 +25,7 @@ __all__ = [
     "TextModelArguments",
     "build_image_classification_trainer",
     "build_image_model",
-    "load_image_splits",
     "build_text_classification_trainer",
+    "load_image_splits",
     "load_text_splits",
 ]

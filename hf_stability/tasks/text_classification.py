@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from datasets import DatasetDict, load_dataset
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments
+from transformers import AutoConfig, AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments
 from transformers import set_seed as hf_set_seed
 
 from ..arguments import StabilityArguments
@@ -17,6 +17,8 @@ from ..trainer import StabilityTrainer
 
 OFFLINE_DATASETS = {"tweets": load_tweet_sentiment, "drug_reviews": load_drug_reviews}
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
 @dataclass
 class TextModelArguments:
     """Which model a text classification study fine-tunes."""
@@ -24,6 +26,11 @@ class TextModelArguments:
     model_name_or_path: str = field(
         default="minilm",
         metadata={"help": "'minilm' (the packaged all-MiniLM-L6-v2), a local folder, or a Hub model name."},
+    )
+    random_init: bool = field(
+        default=False,
+        metadata={"help": "Train model_name_or_path's architecture from random initialisation instead of its "
+                  "pretrained weights (the paper's contrast: random starts are far less stable)."},
     )
 
 
@@ -55,7 +62,8 @@ class TextClassificationArguments(TextDataArguments, TextModelArguments):
 def _card_metadata(task: TextClassificationArguments, stability: StabilityArguments) -> StabilityArguments:
     """Fill the report card's base_model / dataset_name from Hub names (never from local paths)."""
     model = task.model_name_or_path
-    base_model = stability.base_model or (
+    # a model trained from random initialisation has no base model, whatever was passed
+    base_model = None if task.random_init else stability.base_model or (
         MINILM_HUB_ID if model in ("", "minilm") else None if Path(model).exists() else model
     )
     dataset = task.dataset
@@ -108,7 +116,10 @@ def build_text_classification_trainer(
     evaluation = evaluation.map(encode, batched=True, remove_columns=evaluation.column_names, desc="tokenising eval")
 
     def model_init():
-        hf_set_seed(training.seed)  # seeds the fresh classifier head
+        hf_set_seed(training.seed)  # seeds the fresh classifier head (or, with random_init, every weight)
+        if task.random_init:
+            config = AutoConfig.from_pretrained(model_path, num_labels=num_labels)
+            return AutoModelForSequenceClassification.from_config(config)
         return AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
 
     return StabilityTrainer(

@@ -1,8 +1,14 @@
-"""A small butterfly study of a tiny BERT, run as its own process by the resume tests.
+"""A small butterfly study of a tiny BERT, analysed and reported, run as its own process by the
+kill-and-resume tests.
 
-usage: butterfly_run.py OUT [KILL_DIR_SUFFIX KILL_STEP]
-With a kill point, the process SIGKILLs itself when the run whose output_dir ends with
-KILL_DIR_SUFFIX (e.g. "parent" or "children/t0/c1") finishes optimizer step KILL_STEP.
+usage: butterfly_run.py OUT [WHERE STEP]
+With a kill point, the process SIGKILLs itself:
+- WHERE a run's output_dir suffix ("parent", "children/t0/c1"), STEP an optimizer step: when that
+  run finishes the step; STEP "begin": when that run starts (the previous child is complete);
+- WHERE "analysis", STEP n: when the analysis collates its n-th batch;
+- WHERE "report", STEP "plots": after the report's plots are written, before its card.
+With WHERE "disk", STEP n: no file of the process may grow beyond n bytes (a full disk,
+simulated with RLIMIT_FSIZE); an HfStabilityError is printed and the process exits with 1.
 """
 
 import os
@@ -15,16 +21,33 @@ from helpers import tiny_bert, training_args, tweets
 from transformers import TrainerCallback
 
 from hf_stability import StabilityArguments, StabilityTrainer
+from hf_stability.analysis import AnalyzeArguments, analyze_run
+from hf_stability.analysis.loading import run_collator
 from hf_stability.metrics import classification_metrics
+from hf_stability.report import load_report, render_plots, write_report
+from hf_stability.run_directory import RunDirectory
+
+ANALYSIS = AnalyzeArguments(train_samples=16, batch_size=16, alphas=3, cpu=True)
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class KillAt(TrainerCallback):
     def __init__(self, suffix, step):
         self.suffix, self.step = suffix, step
 
+    def _here(self, args):
+        return args.output_dir.rstrip("/").endswith(self.suffix)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.step == "begin" and self._here(args):
+            die()
+
     def on_step_end(self, args, state, control, **kwargs):
-        if args.output_dir.rstrip("/").endswith(self.suffix) and state.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self._here(args) and str(state.global_step) == self.step:
+            die()
 
 
 def build(out):
@@ -39,8 +62,41 @@ def build(out):
     )
 
 
+def killing_collator(run_dir, at_batch):
+    """The run's own collator, dying at its ``at_batch``-th batch (a kill in the middle of the analysis)."""
+    collate, seen = run_collator(RunDirectory(run_dir)), [0]
+
+    def collate_or_die(features):
+        seen[0] += 1
+        if seen[0] == at_batch:
+            die()
+        return collate(features)
+
+    return collate_or_die
+
+
 if __name__ == "__main__":
-    trainer = build(sys.argv[1])
-    if len(sys.argv) > 2:
-        trainer.add_callback(KillAt(sys.argv[2], int(sys.argv[3])))
+    out, where, step = sys.argv[1], *(sys.argv[2:4] if len(sys.argv) > 3 else (None, None))
+    trainer = build(out)
+    if where == "disk":
+        import resource
+
+        from hf_stability.errors import HfStabilityError
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (int(step), int(step)))
+        try:
+            trainer.butterfly()
+        except HfStabilityError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+        sys.exit(0)
+    if where not in (None, "analysis", "report"):
+        trainer.add_callback(KillAt(where, step))
     trainer.butterfly()
+    collate = killing_collator(out, int(step)) if where == "analysis" else None
+    analyze_run(out, ANALYSIS, collate_fn=collate)
+    if where == "report":
+        render_plots(load_report(out), RunDirectory(out).analysis_dir / "plots")
+        die()
+    write_report(out)

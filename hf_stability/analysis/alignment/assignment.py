@@ -60,7 +60,6 @@ class MatchingResult:
             "method": self.method,
             "iterations": self.iterations,
             "converged": self.converged,
-            "seconds": self.seconds,
             "objective": self.objective,
             "units_moved": moved,
             "units": total,
