@@ -28,6 +28,10 @@ class RecipeAnalysisArguments:
     analysis_eval_batch_size: int = field(default=256, metadata={"help": "Batch size of the analyzer."})
     analysis_train_subset: int = field(default=512, metadata={"help": "Train examples for train-set barriers."})
     analysis_autocast: str = field(default="none", metadata={"help": "Analyzer autocast: none | bf16 | fp16."})
+    reanalyze: bool = field(
+        default=False,
+        metadata={"help": "Measure again even when RUN/analysis/report.json already holds this analysis."},
+    )
 
 
 def analyze_and_report(run_dir: str | Path, args: RecipeAnalysisArguments, accelerator: Any = None) -> dict | None:
@@ -41,6 +45,7 @@ def analyze_and_report(run_dir: str | Path, args: RecipeAnalysisArguments, accel
     analyze_args = AnalyzeArguments(
         pairs=args.pairs, alphas=args.alphas, batch_size=args.analysis_eval_batch_size,
         train_samples=args.analysis_train_subset, autocast=args.analysis_autocast, alignment=args.alignment,
+        reanalyze=args.reanalyze,
     )
     report = analyze_run(run_dir, analyze_args, accelerator)
     if accelerator is None or accelerator.is_main_process:

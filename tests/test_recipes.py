@@ -90,10 +90,11 @@ def test_image_recipe_with_a_timm_vit(tmp_path):
 
 def test_sweep_recipe_collects_every_scale_into_one_report(tmp_path):
     root = tmp_path / "sweep"
-    _run([sys.executable, str(RECIPES / "butterfly_sweep.py"), "--output_dir", str(root), "--perturbation_scales",
-          "0.01", "0.1", "--max_train_samples", "48", "--max_eval_samples", "32", "--max_length", "24", "--max_steps",
-          "3", "--spawn_steps", "1", "--num_children", "1", "--divergence_every", "0", "--alignment", "none",
-          "--alphas", "3", "--analysis_train_subset", "0", *TINY_TRAINING])
+    command = [sys.executable, str(RECIPES / "butterfly_sweep.py"), "--output_dir", str(root), "--perturbation_scales",
+               "0.01", "0.1", "--max_train_samples", "48", "--max_eval_samples", "32", "--max_length", "24",
+               "--max_steps", "3", "--spawn_steps", "1", "--num_children", "1", "--divergence_every", "0",
+               "--alignment", "none", "--alphas", "3", "--analysis_train_subset", "0", *TINY_TRAINING]
+    _run(command)
     sweep = json.loads((root / "sweep_report.json").read_text())
     assert sweep["scales"] == [0.01, 0.1]
     assert {(r["scale"], r["spawn_step"]) for r in sweep["rows"]} == {(0.01, 1), (0.1, 1)}
@@ -106,6 +107,16 @@ def test_sweep_recipe_collects_every_scale_into_one_report(tmp_path):
     # a larger perturbation lands farther from the parent
     l2 = {r["scale"]: r["l2"]["mean"] for r in sweep["rows"] }
     assert math.isfinite(l2[0.1]) and l2[0.1] > l2[0.01]
+    # the same command again only collects: every study and its analysis are reused; reanalyze measures again
+    reports = {scale: root / path / "analysis" / "report.json" for scale, path in sweep["runs"].items()}
+    written = {scale: path.stat().st_mtime_ns for scale, path in reports.items()}
+    assert "already holds this analysis" in _run(command)
+    assert {scale: path.stat().st_mtime_ns for scale, path in reports.items()} == written
+    from hf_stability.recipe import RecipeAnalysisArguments, analyze_and_report
+
+    again = RecipeAnalysisArguments(alignment="none", alphas=3, analysis_train_subset=0, reanalyze=True)
+    analyze_and_report(reports["0.1"].parents[1], again)
+    assert reports["0.1"].stat().st_mtime_ns > written["0.1"]
 
 
 @pytest.mark.parametrize("script, config", [
