@@ -80,19 +80,24 @@ SUMMARY_COLUMNS = (
     ("aligned", "aligned_loss_barrier_eval", 18),
     ("error barrier", "error_barrier_eval", 18),
     ("disagree", "disagreement", 16),
+    ("amplification", "amplification", 16),
 )
 
 
 def _format_summary(report: dict) -> str:
     from .report.findings import format_value
 
-    header = f"{'spawn step':>10}  {'who':<9}  " + "  ".join(f"{title:>{width}}" for title, _, width in SUMMARY_COLUMNS)
+    header = (f"{'spawn step':>10}  {'who':<9}  " + "  ".join(f"{title:>{width}}" for title, _, width in SUMMARY_COLUMNS)
+              + f"  {'at the floor':>12}")
     lines = [header, "-" * len(header)]
     for row in report["summary"]:
         for who, values in (("control", row["control"]), ("children", row["children"])):
             if values:
                 cells = "  ".join(format_value(values.get(key)).rjust(width) for _, key, width in SUMMARY_COLUMNS)
-                lines.append(f"{row['spawn_step']:>10}  {who:<9}  {cells}")
+                # children within 2x of the control on every figure: indistinguishable from the noise floor
+                floor = row.get("indistinguishable_from_floor")
+                at_floor = f"{floor} of {row['num_children']}" if who == "children" and floor is not None else ""
+                lines.append(f"{row['spawn_step']:>10}  {who:<9}  {cells}  {at_floor:>12}".rstrip())
     return "\n".join(lines)
 
 
