@@ -15,11 +15,10 @@ tokens by default) for the planted one. Prints the figures and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-from pathlib import Path
 
 import torch
+from report import emit
 from transformers import BertConfig, BertForSequenceClassification
 
 from hf_stability.analysis.alignment import (
@@ -114,11 +113,7 @@ def main() -> None:
         print(f"activation matching, planted, {args.examples} x {args.seq_len} tokens: {result.seconds:.2f} s, "
               f"L2 after {aligned:.4f} (noise {reference:.4f})")
 
-    text = json.dumps(results, indent=2)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
-    print(text)
+    emit(results, args.output)
 
 
 if __name__ == "__main__":

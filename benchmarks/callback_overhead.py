@@ -13,7 +13,6 @@ same step i (pooled over repeats), next to the ratio of the two medians. Prints 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import emit
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
 from hf_stability import StabilityArguments
@@ -107,9 +107,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": torch.get_num_threads()},
         "torch": torch.__version__,
     }
-    Path(cli.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(cli.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    emit(result, cli.output)
 
 
 if __name__ == "__main__":

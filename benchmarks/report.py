@@ -11,4 +11,5 @@ def emit(result: Any, output: str | None) -> None:
     text = json.dumps(result, indent=2)
     print(text)
     if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(text + "\n", encoding="utf-8")

@@ -82,17 +82,20 @@ def parse_args(parser: Any, argv: list[str] | None = None) -> tuple[Any, ...]:
     config_file, overrides = Path(argv[0]), argv[1:]
     if not config_file.is_file():
         raise HfStabilityError(f"Config file {config_file} does not exist: give the path of a JSON or YAML file.")
-    if config_file.suffix == ".json":
-        values = json.loads(config_file.read_text(encoding="utf-8"))
-    else:
-        import yaml
+    import yaml
 
-        values = yaml.safe_load(config_file.read_text(encoding="utf-8"))
-    if not overrides:
-        return parser.parse_dict(values)
+    try:
+        text = config_file.read_text(encoding="utf-8")
+        values = json.loads(text) if config_file.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise HfStabilityError(f"Config file {config_file} cannot be read ({err}): fix its syntax.") from None
+    if not isinstance(values, dict):
+        raise HfStabilityError(f"Config file {config_file} must hold a mapping of option names to values.")
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(values) - known)
     if unknown:
         raise HfStabilityError(f"{config_file} has keys that are no option of this recipe: {unknown} (see --help).")
+    if not overrides:
+        return parser.parse_dict(values)
     parser.set_defaults(**values)
     return parser.parse_args_into_dataclasses(overrides)

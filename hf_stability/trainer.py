@@ -33,6 +33,19 @@ from .errors import (
     SpawnStepError,
     disk_full_error,
 )
+from .parallel_children import (
+    ELEMENTWISE_OPTIMIZERS,
+    ChildLossCallback,
+    SameMaskDropout,
+    StackedDivergenceCallback,
+    StackedModel,
+    available_bytes,
+    clip_per_child,
+    estimate_bytes,
+    stacked_optimizer_state,
+    unstack_into,
+    use_eager_attention,
+)
 from .perturb import WEIGHT_KINDS, init_scales, perturb_model, select_parameters
 from .run_directory import (
     EVAL_RESULTS_NAME,
@@ -215,8 +228,6 @@ class StabilityTrainer(Trainer):
         super().log(logs, start_time)
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
-        from .parallel_children import SameMaskDropout
-
         # In a run made for stacked children, every model draws its dropout masks as vmap does.
         with SameMaskDropout() if self._stacked_numerics else contextlib.nullcontext():
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -226,8 +237,6 @@ class StabilityTrainer(Trainer):
 
     def _clip_grad_norm(self, model: torch.nn.Module) -> Any:
         """Stacked children are clipped each on its own (a joint norm would mix them)."""
-        from .parallel_children import StackedModel, clip_per_child
-
         if isinstance(self.model, StackedModel):
             return clip_per_child(self.model, self.args.max_grad_norm)
         return super()._clip_grad_norm(model)
@@ -235,8 +244,6 @@ class StabilityTrainer(Trainer):
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
         """For stacked children: the mean of the children's norms, without rescaling any gradient
         (the Trainer's own norm would multiply every child's gradients by a NaN child's NaN)."""
-        from .parallel_children import StackedModel, clip_per_child
-
         if isinstance(self.model, StackedModel):
             return grad_norm if grad_norm is not None else clip_per_child(self.model, None)
         return super()._get_grad_norm(model, grad_norm)
@@ -251,8 +258,6 @@ class StabilityTrainer(Trainer):
         """In a run made for stacked children (``stacked_numerics`` in stability_config.json: it
         was created with parallel_children > 1), the parent and every child train on CUDA with the
         eager attention of stacked children, so that a stacked control follows its parent."""
-        from .parallel_children import StackedModel, use_eager_attention
-
         # (Trainer.__init__ calls model_init before _stacked_numerics exists)
         if (
             model is not None
@@ -433,8 +438,6 @@ class StabilityTrainer(Trainer):
 
     def _check_parallel_children(self) -> None:
         """Refuse, before anything trains, what stacked children cannot do as single children would."""
-        from .parallel_children import ELEMENTWISE_OPTIMIZERS, available_bytes, estimate_bytes
-
         sargs, args = self.stability_args, self.args
         problems = []
         if sargs.perturbation_kind in ("data_order", "dropout"):
@@ -476,19 +479,10 @@ class StabilityTrainer(Trainer):
                 f"{have / 2**30:.1f} GiB are free. Lower parallel_children or the batch size."
             )
 
-    def _train_children_stacked(self, run: RunDirectory, t: int, children: list[int], max_steps: int) -> None:
-        """Train ``children`` of spawn step ``t`` as one stacked model (parallel_children.py), then
-        write each child's final/ like a child trained alone. A killed group restarts from the
-        spawn checkpoint."""
-        from .parallel_children import (
-            ChildLossCallback,
-            StackedDivergenceCallback,
-            StackedModel,
-            stacked_optimizer_state,
-            unstack_into,
-        )
-
-        sargs = self.stability_args
+    @staticmethod
+    def _spawn_checkpoint(run: RunDirectory, t: int) -> Path:
+        """The parent's checkpoint at spawn step ``t``; raises when it is incomplete (children
+        must never start from a partial one)."""
         spawn = run.parent_checkpoint(t)
         problem = checkpoint_problem(spawn)
         if problem is not None:
@@ -496,6 +490,14 @@ class StabilityTrainer(Trainer):
                 f"The spawn checkpoint {spawn} is unusable: {problem}. Re-run with --overwrite_run to train the parent "
                 "again."
             )
+        return spawn
+
+    def _train_children_stacked(self, run: RunDirectory, t: int, children: list[int], max_steps: int) -> None:
+        """Train ``children`` of spawn step ``t`` as one stacked model (parallel_children.py), then
+        write each child's final/ like a child trained alone. A killed group restarts from the
+        spawn checkpoint."""
+        sargs = self.stability_args
+        spawn = self._spawn_checkpoint(run, t)
         original_model, original_init = self.model, self.model_init
         template = original_model if original_model is not None else self.call_model_init()
         # The dataset columns the model takes come from its forward signature: read them now, from the
@@ -692,13 +694,7 @@ class StabilityTrainer(Trainer):
     def _train_child(self, run: RunDirectory, t: int, k: int, max_steps: int) -> None:
         sargs = self.stability_args
         directory = run.child_dir(t, k)
-        spawn = run.parent_checkpoint(t)
-        problem = checkpoint_problem(spawn)
-        if problem is not None:
-            raise RunDirectoryError(
-                f"The spawn checkpoint {spawn} is unusable: {problem}. Re-run with --overwrite_run to train the parent "
-                "again."
-            )
+        spawn = self._spawn_checkpoint(run, t)
         if self.is_world_process_zero():
             directory.mkdir(parents=True, exist_ok=True)
         own = run.last_complete_checkpoint(directory) if self.is_world_process_zero() else None

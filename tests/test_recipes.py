@@ -169,6 +169,12 @@ def test_config_files_that_cannot_be_read_are_refused_with_what_to_do(tmp_path):
     config.write_text("output_dir: runs/x\nnum_childs: 3\n")
     with pytest.raises(HfStabilityError, match=r"no option of this recipe: \['num_childs'\]"):
         parse_args(parser, [str(config), "--seed", "1"])
+    with pytest.raises(HfStabilityError, match=r"no option of this recipe: \['num_childs'\]"):
+        parse_args(parser, [str(config)])  # the same message without flags after the file
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"output_dir": "runs/x",')
+    with pytest.raises(HfStabilityError, match=r"broken.json cannot be read .*fix its syntax"):
+        parse_args(parser, [str(broken)])
     config.write_text("output_dir: runs/x\nnum_children: 3\nseed: 5\n")
     stability, training = parse_args(parser, [str(config), "--seed", "1"])
     assert stability.num_children == 3 and training.seed == 1 and training.output_dir == "runs/x"

@@ -116,14 +116,14 @@ def _perturbation_l2(run: RunDirectory, spawn_step: int, child: int) -> float:
     return float(record.get("change_l2") or 0.0)
 
 
-def _existing_report(run: RunDirectory, inputs: dict[str, Any]) -> dict[str, Any] | None:
-    """The run's report.json when it was made from the same run, children and arguments (and this
-    schema), after every final model was written; None otherwise. The file is written atomically,
-    so a report that exists is whole."""
+def _existing_report(run: RunDirectory, children: list[tuple[int, int]], inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's report.json when it was made from the same run, ``children`` ((spawn step, child)
+    pairs) and arguments (and this schema), after every final model was written; None otherwise.
+    The file is written atomically, so a report that exists is whole."""
     path = run.analysis_dir / "report.json"
     if not path.is_file():
         return None
-    finals = [run.parent_final] + [run.child_final(*map(int, name[1:].split("/c"))) for name in inputs["children"]]
+    finals = [run.parent_final] + [run.child_final(t, k) for t, k in children]
     weights = [f for final in finals if final.is_dir() for f in final.glob("*.safetensors")]
     if any(f.stat().st_mtime_ns > path.stat().st_mtime_ns for f in weights):
         return None  # a model was trained again since
@@ -164,13 +164,14 @@ def analyze_run(
     args = args or AnalyzeArguments()
     run = RunDirectory(run_dir)
     config = run.load_config()
+    status = {(t, k): run.child_status(t, k) for t in config["spawn_steps"] for k in config["children"]}
     inputs = {
         "arguments": {k: v for k, v in asdict(args).items() if k != "reanalyze"},
         "fingerprint": config.get("fingerprint"),
-        "children": {f"t{t}/c{k}": run.child_status(t, k) for t in config["spawn_steps"] for k in config["children"]},
+        "children": {f"t{t}/c{k}": state for (t, k), state in status.items()},
     }
     if not args.reanalyze and eval_data is None and train_data is None and collate_fn is None:
-        done = _existing_report(run, inputs)
+        done = _existing_report(run, list(status), inputs)
         if done is not None:
             logger.info("%s already holds this analysis (same run, children and arguments): reused; pass "
                         "--reanalyze to measure again.", run.analysis_dir / "report.json")
@@ -241,16 +242,16 @@ def analyze_run(
 
     stability = config["stability_arguments"]
     control = 0 if stability.get("control_child") else None
+    perturbation_l2s = {(t, k): _perturbation_l2(run, t, k) for t, k in status}
     pairs: list[dict[str, Any]] = []
     diverged: list[dict[str, Any]] = []
     for t in config["spawn_steps"]:
         children: dict[int, torch.nn.Module] = {}
         for k in config["children"]:
-            status = run.child_status(t, k)
-            if status == "diverged":
+            if status[t, k] == "diverged":
                 info = json.loads((run.child_dir(t, k) / "diverged.json").read_text(encoding="utf-8"))
                 diverged.append({"spawn_step": t, "child": k, **info})
-            elif status == "done":
+            elif status[t, k] == "done":
                 children[k] = load_final_model(run.child_final(t, k))
             else:
                 logger.warning("Child %d of spawn step %d has not finished; it is left out.", k, t)
@@ -264,7 +265,7 @@ def analyze_run(
             name_a = "parent" if i is None else f"t{t}/c{i}"
             model_a = parent if i is None else children[i]
             pair = measure(name_a, model_a, f"t{t}/c{j}", children[j])
-            perturbation_l2 = _perturbation_l2(run, t, j)
+            perturbation_l2 = perturbation_l2s[t, j]
             pair.update(
                 spawn_step=t,
                 kind=kind,
@@ -281,7 +282,7 @@ def analyze_run(
         for k in config["children"]:
             records = read_jsonl(run.child_dir(t, k) / "divergence.jsonl")
             divergence.append({"spawn_step": t, "child": k, "is_control": k == control,
-                               "perturbation_l2": _perturbation_l2(run, t, k),
+                               "perturbation_l2": perturbation_l2s[t, k],
                                "steps": [r["step"] for r in records], "l2": [r["l2"] for r in records]})
 
     summary = []
@@ -294,6 +295,7 @@ def analyze_run(
             if not pair["is_control"]:
                 perturbed.append(_scalars(pair))
                 pair["noise_floor"] = compare_with_floor(perturbed[-1], floor)
+        at_floor = [pair["noise_floor"]["indistinguishable"] for pair in mine if pair["noise_floor"] is not None]
         keys = list(perturbed[0]) if perturbed else []
         summary.append(
             {
@@ -301,8 +303,7 @@ def analyze_run(
                 "num_children": len(perturbed),
                 "control": floor,
                 "children": {key: _mean_std([row[key] for row in perturbed]) for key in keys},
-                "indistinguishable_from_floor": None if floor is None else sum(
-                    bool((p.get("noise_floor") or {}).get("indistinguishable")) for p in mine if not p["is_control"]),
+                "indistinguishable_from_floor": None if floor is None else sum(at_floor),
             }
         )
 

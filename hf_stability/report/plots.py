@@ -54,7 +54,7 @@ def _children_and_floor(report: dict[str, Any], key: str) -> tuple[list[int], li
     return [row["spawn_step"] for row in rows], stats, [(row["control"] or {}).get(key) for row in rows]
 
 
-def scale_small_values(ax: Any, values: list[float], linthresh: float) -> None:
+def _scale_small_values(ax: Any, values: list[float], linthresh: float) -> None:
     """A symmetric-log y axis when the values span beyond ``linthresh``; otherwise a linear axis
     in scientific notation (a symlog axis over values all below its threshold labels badly)."""
     finite = [abs(v) for v in values if v is not None and math.isfinite(v)]
@@ -244,10 +244,7 @@ def plot_aligned_vs_unaligned(report: dict[str, Any], path: Path) -> Path | None
     ax.set_xticklabels([f"t = {t}" for t in steps])
     ax.set_xlabel("spawn step")
     ax.set_ylabel("eval loss barrier (nats)")
-    ax.set_title("Barrier before and after permutation alignment\n(mean ± std over children)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _finish(fig, ax, path, "Barrier before and after permutation alignment\n(mean ± std over children)")
 
 
 PLOTS = {

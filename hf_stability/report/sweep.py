@@ -9,7 +9,7 @@ from typing import Any
 
 from ..atomic_io import write_json
 from .load import load_report
-from .plots import _children_and_floor, _pyplot, _save, _step_axis, scale_small_values
+from .plots import _children_and_floor, _finish, _pyplot, _scale_small_values, _step_axis
 
 SWEEP_SCHEMA_VERSION = 1
 SWEEP_KEYS = ("l2", "aligned_l2", "loss_barrier_eval", "aligned_loss_barrier_eval", "error_barrier_eval")
@@ -59,11 +59,8 @@ def plot_sweep(runs: dict[float, str | Path], path: Path) -> Path:
     ax.axhline(0, color="black", lw=0.6)
     _step_axis(ax, sorted(all_steps))
     ax.set_ylabel("eval loss barrier (nats)")
-    scale_small_values(ax, values, linthresh=1e-3)
-    ax.set_title("Loss barrier between parent and children, by spawn step and perturbation scale")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _save(fig, path)
+    _scale_small_values(ax, values, linthresh=1e-3)
+    return _finish(fig, ax, path, "Loss barrier between parent and children, by spawn step and perturbation scale")
 
 
 def write_sweep_report(runs: dict[float, str | Path], root: str | Path) -> tuple[Path, Path]:
