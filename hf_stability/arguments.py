@@ -136,6 +136,12 @@ class StabilityArguments:
         first = 0 if self.control_child else 1
         return list(range(first, self.num_children + 1))
 
+    def child_groups(self) -> list[list[int]]:
+        """The children of a spawn step in the groups that train together (``parallel_children`` at a
+        time, in index order; groups of one train alone)."""
+        children, width = self.child_indices(), self.parallel_children
+        return [children[i : i + width] for i in range(0, len(children), width)]
+
     def config_for_child(self, child: int) -> PerturbationConfig:
         if child == 0:
             return PerturbationConfig(kind="none", scale=0.0, seed=self.perturbation_seed)
@@ -143,3 +149,25 @@ class StabilityArguments:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def plan(self) -> dict[str, Any]:
+        """What the run directory's stability_config.json says of the study's layout: the spawn
+        steps, the child indices and each child's perturbation (``t<t>`` -> ``c<k>`` -> config)."""
+        children = self.child_indices()
+        return {
+            "spawn_steps": list(self.spawn_steps),
+            "children": children,
+            "perturbations": {
+                f"t{t}": {f"c{k}": self.config_for_child(k).to_dict() for k in children} for t in self.spawn_steps
+            },
+        }
+
+    @classmethod
+    def from_recorded(cls, values: dict[str, Any]) -> StabilityArguments:
+        """The arguments recorded in a run's stability_config.json (fields it lacks take their
+        defaults; fields this version does not know are refused)."""
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise PerturbationConfigError(f"unknown stability arguments {unknown}")
+        return cls(**values)

@@ -14,7 +14,40 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .errors import HfStabilityError, disk_full_error
+from .errors import DiskFullError, HfStabilityError
+
+#: What libraries say when a write hits a full disk: errno numbers, and the messages of torch.save
+#: (a RuntimeError from its stream writer) and safetensors (a SafetensorError), which keep no OSError.
+_DISK_FULL_ERRNOS = (28, 27, 122)  # ENOSPC, EFBIG, EDQUOT
+_DISK_FULL_WORDS = ("no space left on device", "file too large", "disk quota exceeded", "file write failed",
+                    "os error 28", "os error 27", "os error 122", "iostream error", "unexpected pos")
+
+
+def disk_full_error(error: BaseException, target: object) -> DiskFullError | None:
+    """A DiskFullError saying what to do when writing ``target`` failed on a full disk; None when
+    ``error`` is something else."""
+    reason = disk_full_reason(error)
+    if reason is None:
+        return None
+    return DiskFullError(
+        f"Writing {target} failed: the disk is full or failing ({reason}). Free space (or choose another "
+        "output_dir) and run the same command again: nothing half-written is taken as complete, and a study "
+        "resumes from its last complete checkpoint.",
+        path=str(target),
+    )
+
+
+def disk_full_reason(error: BaseException) -> str | None:
+    """The message of the full-disk failure in ``error``'s chain of causes, or None."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+            return error.strerror or str(error)
+        if any(word in str(error).lower() for word in _DISK_FULL_WORDS):
+            return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -70,23 +103,6 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
         f.writelines(json.dumps(row) + "\n" for row in rows)
         f.flush()
         os.fsync(f.fileno())
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read JSON lines, ignoring a torn last line left by a killed writer."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

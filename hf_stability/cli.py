@@ -12,6 +12,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from .arguments import StabilityArguments
 from .errors import HfStabilityError
+from .recipe import parse_flags
 
 COMMANDS = {
     "demo": "Fine-tune the packaged MiniLM on tweet sentiment and run a small butterfly study (offline).",
@@ -48,7 +49,7 @@ def _print_result(result) -> None:
 def _demo(argv: Sequence[str]) -> int:
     from .demo import DemoArguments, run_demo
 
-    (demo,) = HfArgumentParser(DemoArguments, prog="hf-stability demo").parse_args_into_dataclasses(list(argv))
+    (demo,) = parse_flags(HfArgumentParser(DemoArguments, prog="hf-stability demo"), list(argv))
     result = run_demo(demo)
     _print_result(result)
     if demo.analyze:
@@ -112,7 +113,7 @@ def _analyze(argv: Sequence[str]) -> int:
               "[--alignment weight|activation|none] [--cpu]", file=sys.stderr)
         return 2
     run_dir, rest = argv[0], argv[1:]
-    (args,) = HfArgumentParser(AnalyzeArguments, prog="hf-stability analyze").parse_args_into_dataclasses(list(rest))
+    (args,) = parse_flags(HfArgumentParser(AnalyzeArguments, prog="hf-stability analyze"), list(rest))
     accelerator = Accelerator(cpu=args.cpu)
     try:
         report = analyze_run(run_dir, args, accelerator)
@@ -158,7 +159,7 @@ def _push(argv: Sequence[str]) -> int:
     if parsed is None:
         return 2
     run_dir, rest = parsed
-    (args,) = HfArgumentParser(PushArguments, prog="hf-stability push").parse_args_into_dataclasses(rest)
+    (args,) = parse_flags(HfArgumentParser(PushArguments, prog="hf-stability push"), rest)
     url = push_report(run_dir, args.repo_id, private=args.private, include_weights=args.include_weights,
                       commit_message=args.commit_message)
     print(f"Pushed: {url}")

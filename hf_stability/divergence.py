@@ -19,7 +19,8 @@ from safetensors import safe_open
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .atomic_io import read_jsonl, save_tensors, write_jsonl
+from .atomic_io import save_tensors, write_jsonl
+from .run_files import read_divergence
 from .errors import ChildDivergedError, RunDirectoryError
 
 logger = logging.getLogger(__name__)
@@ -75,15 +76,44 @@ def squared_distance_to_file(params: dict[str, torch.Tensor], path: str | Path, 
     return total.cpu()
 
 
-def drop_lines_after(output_file: Path, step: int, spawn_step: int) -> None:
+def _resumed_record(path: Path) -> list[dict[str, Any]]:
+    """The record of a child that is (re)starting: a torn last line is a killed writer's and is
+    dropped; any other bad line is damage, and stops the child."""
+    return read_divergence(path, f"Delete {Path(path).parent} and run the study again: that child trains again from "
+                           "its spawn checkpoint.", finished=False)
+
+
+def drop_lines_after(output_file: Path, step: int, spawn_step: int) -> int | None:
     """After a resume at ``step``, drop the divergence lines written past it: they are computed
-    again (the spawn step's own line too, when training restarts at the spawn step)."""
+    again (the spawn step's own line too, when training restarts at the spawn step). Returns the
+    last step left in the file (None: it is empty)."""
     kept = [
         row
-        for row in read_jsonl(output_file)
-        if row.get("step", -1) < step or (row.get("step") == step and step != spawn_step)
+        for row in _resumed_record(output_file)
+        if row["step"] < step or (row["step"] == step and step != spawn_step)
     ]
     write_jsonl(output_file, kept)
+    return kept[-1]["step"] if kept else None
+
+
+class DivergenceLog:
+    """A child's ``divergence.jsonl``, appended one ``{"step", "l2"}`` line at a time in
+    increasing steps. ``start(step)`` cuts it back to where a (resumed) run starts; a step at or
+    before the last one written is never appended twice: the lines from it on are replaced."""
+
+    def __init__(self, path: Path, spawn_step: int):
+        self.path, self.spawn_step = Path(path), int(spawn_step)
+        self.last_step: int | None = None
+
+    def start(self, step: int) -> None:
+        self.last_step = drop_lines_after(self.path, step, self.spawn_step)
+
+    def append(self, step: int, l2: float) -> None:
+        if self.last_step is not None and step <= self.last_step:
+            write_jsonl(self.path, [row for row in _resumed_record(self.path) if row["step"] < step])
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "l2": l2}) + "\n")
+        self.last_step = step
 
 
 class ParentTrajectoryCallback(TrainerCallback):
@@ -126,11 +156,13 @@ class ParentTrajectoryCallback(TrainerCallback):
 
 
 class DivergenceCallback(TrainerCallback):
-    """Logs the child's L2 distance to the parent at the steps where a parent file exists.
+    """Logs the child's L2 distance to the parent at ``steps`` (and right after the perturbation).
 
     The value goes to ``output_file`` (JSON lines) and, through ``pending_logs``, into the
     Trainer's own logs (``StabilityTrainer.log`` merges it), so every configured logger sees
-    it. A NaN or Inf distance raises ``ChildDivergedError``.
+    it. A NaN or Inf distance raises ``ChildDivergedError``. A child trained again after its
+    study finished (a damaged child retrained alone) finds only the parent's snapshots that the
+    study keeps (its spawn and last steps): the steps in between are left out of its record.
     """
 
     def __init__(
@@ -144,30 +176,49 @@ class DivergenceCallback(TrainerCallback):
         self.steps = set(int(s) for s in steps)
         self.path_for = path_for
         self.output_file = Path(output_file)
+        self.log = DivergenceLog(self.output_file, self.spawn_step)
         self.pending_logs: dict[str, float] = {}
 
     def _record(self, state: TrainerState, model: nn.Module) -> float:
         l2 = l2_to_file(model, self.path_for(state.global_step))
         if state.is_world_process_zero:
-            with open(self.output_file, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": state.global_step, "l2": l2}) + "\n")
+            self.log.append(state.global_step, l2)
         if not math.isfinite(l2):
             raise ChildDivergedError(state.global_step, f"L2 distance to the parent is {l2}")
         return l2
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if state.is_world_process_zero:
-            drop_lines_after(self.output_file, state.global_step, self.spawn_step)
+            self.log.start(state.global_step)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # Right after the perturbation: the distance is the perturbation's own size.
         if state.global_step == self.spawn_step:
             self._record(state, kwargs["model"])
 
+    def measured_at(self, step: int) -> bool:
+        """Whether the child is compared with its parent at ``step``: a divergence step whose
+        snapshot exists (the last step's must: its absence raises when measured)."""
+        if step not in self.steps:
+            return False
+        if step == max(self.steps) or Path(self.path_for(step)).is_file():
+            return True
+        logger.info("The parent's snapshot at step %d is gone (a finished study keeps those of its spawn and last "
+                    "steps): this child's divergence record leaves step %d out.", step, step)
+        return False
+
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if state.global_step in self.steps:
+        if self.measured_at(state.global_step):
             self.pending_logs[LOG_KEY] = self._record(state, kwargs["model"])
             control.should_log = True
+
+    def complete_record(self, state: TrainerState, model: nn.Module) -> None:
+        """For a run that is only loaded, already at its last step (``state.global_step``): the
+        record ends at that step (measured now if the killed run had not written it)."""
+        if state.is_world_process_zero:
+            self.log.start(state.global_step)
+        if self.log.last_step != state.global_step:
+            self._record(state, model)
 
     def pop_logs(self) -> dict[str, Any]:
         logs, self.pending_logs = self.pending_logs, {}

@@ -18,7 +18,6 @@ divergence per child (``ChildDivergenceCallback``) and NaN detection per child
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 from pathlib import Path
@@ -31,7 +30,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .divergence import LOG_KEY, DivergenceCallback, drop_lines_after, squared_distance_to_file
+from .divergence import LOG_KEY, DivergenceCallback, DivergenceLog, squared_distance_to_file
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +138,15 @@ def unstack_into(stacked: StackedModel, k: int, model: nn.Module) -> nn.Module:
 def stacked_optimizer_state(path: Path, num_children: int) -> dict[str, Any]:
     """The optimizer state of a spawn checkpoint with every per-parameter tensor repeated for the
     K children (scalars such as Adam's step stay shared)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        from .errors import RunDirectoryError
+
+        raise RunDirectoryError(
+            f"{path} cannot be read ({type(err).__name__}: {str(err)[:200]}): the spawn checkpoint is damaged. "
+            "Restore it from a copy of the run, or train the parent again with --overwrite_run."
+        ) from None
     for per_param in state["state"].values():
         for key, value in list(per_param.items()):
             if isinstance(value, torch.Tensor) and value.dim() > 0:
@@ -205,34 +212,35 @@ def clip_per_child(model: StackedModel, max_norm: float | None) -> float:
 class StackedDivergenceCallback(DivergenceCallback):
     """Divergence of every child of a stacked run: at each divergence step the parent's file is
     read once and compared with all K children on their device. Logged as
-    ``divergence/l2_to_parent/c<k>`` and written to each child's own file. A NaN or Inf distance
-    marks that child in ``diverged`` instead of stopping its siblings."""
+    ``divergence/l2_to_parent/c<k>`` and written to the files of ``output_files`` (child -> its
+    divergence.jsonl; a child already finished by an earlier, killed run has none). A NaN or Inf
+    distance marks that child in ``diverged`` instead of stopping its siblings."""
 
-    def __init__(self, children: list[int], diverged: dict[int, dict[str, Any]], output_files: list[Path],
+    def __init__(self, children: list[int], diverged: dict[int, dict[str, Any]], output_files: dict[int, Path],
                  **kwargs: Any):
-        super().__init__(output_file=output_files[0], **kwargs)
-        self.children, self.diverged, self.output_files = children, diverged, output_files
+        super().__init__(output_file=next(iter(output_files.values())), **kwargs)
+        self.children, self.diverged = children, diverged
+        self.logs = {child: DivergenceLog(path, self.spawn_step) for child, path in output_files.items()}
 
     def _record(self, state: TrainerState, model: nn.Module) -> list[float]:
         params = {n: p for n, p in model.template.named_parameters() if p.is_floating_point()}
         values = squared_distance_to_file(params, self.path_for(state.global_step), stacked=True).sqrt().tolist()
-        for child, output_file, l2 in zip(self.children, self.output_files, values):
+        for child, l2 in zip(self.children, values):
             if child in self.diverged:
                 continue
-            if state.is_world_process_zero:
-                with open(output_file, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": state.global_step, "l2": l2}) + "\n")
+            if state.is_world_process_zero and child in self.logs:
+                self.logs[child].append(state.global_step, l2)
             if not math.isfinite(l2):
                 self.diverged[child] = {"step": state.global_step, "reason": f"L2 distance to the parent is {l2}"}
         return values
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if state.is_world_process_zero:
-            for output_file in self.output_files:
-                drop_lines_after(output_file, state.global_step, self.spawn_step)
+            for log in self.logs.values():
+                log.start(state.global_step)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if state.global_step in self.steps:
+        if self.measured_at(state.global_step):
             for child, l2 in zip(self.children, self._record(state, kwargs["model"])):
                 if child not in self.diverged or self.diverged[child]["step"] == state.global_step:
                     self.pending_logs[f"{LOG_KEY}/c{child}"] = l2

@@ -70,6 +70,16 @@ def run_study(trainer: Any, args: RecipeAnalysisArguments) -> Any:
     return result
 
 
+def parse_flags(parser: Any, argv: list[str]) -> tuple[Any, ...]:
+    """``parser.parse_args_into_dataclasses(argv)``, with a flag that is no option of the parser
+    reported as argparse reports any usage error (the usage line, the bad flags, exit code 2)
+    instead of HfArgumentParser's ValueError traceback."""
+    *parsed, remaining = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    if remaining:
+        parser.error(f"unrecognized arguments: {' '.join(remaining)} (see --help)")
+    return tuple(parsed)
+
+
 def parse_args(parser: Any, argv: list[str] | None = None) -> tuple[Any, ...]:
     """The dataclasses of ``parser`` (an HfArgumentParser) from a JSON or YAML config file, from
     command-line flags, or from both: ``recipe.py config.json --output_dir runs/x`` reads the file
@@ -78,7 +88,7 @@ def parse_args(parser: Any, argv: list[str] | None = None) -> tuple[Any, ...]:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or not argv[0].endswith((".json", ".yaml", ".yml")):
-        return parser.parse_args_into_dataclasses(argv)
+        return parse_flags(parser, argv)
     config_file, overrides = Path(argv[0]), argv[1:]
     if not config_file.is_file():
         raise HfStabilityError(f"Config file {config_file} does not exist: give the path of a JSON or YAML file.")
@@ -98,4 +108,4 @@ def parse_args(parser: Any, argv: list[str] | None = None) -> tuple[Any, ...]:
     if not overrides:
         return parser.parse_dict(values)
     parser.set_defaults(**values)
-    return parser.parse_args_into_dataclasses(overrides)
+    return parse_flags(parser, overrides)

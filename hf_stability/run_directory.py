@@ -19,18 +19,32 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic_io import read_jsonl, remove_stale_temporaries, write_json
+from .atomic_io import remove_stale_temporaries, write_json
+from .atomic_io import disk_full_error
 from .errors import RunConfigMismatchError, RunDirectoryError
+from .run_files import read_divergence, read_json
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "stability_config.json"
+#: The run directory's lock file (run_lock.py): one writer at a time.
+LOCK_NAME = ".hf_stability.lock"
 EVAL_RESULTS_NAME = "eval_results.json"
+#: Checksums of a run's files (manifest.py): final/manifest.json of the parent and of each child, data/manifest.json.
+MANIFEST_NAME = "manifest.json"
+PERTURBATION_NAME = "perturbation.json"
+DIVERGENCE_NAME = "divergence.jsonl"
+DIVERGED_NAME = "diverged.json"
 _CHECKPOINT_PREFIX = "checkpoint-"
 
 
@@ -73,13 +87,85 @@ def is_complete_checkpoint(path: Path) -> bool:
     return checkpoint_problem(path) is None
 
 
-def _checkpoint_step(path: Path) -> int | None:
+def checkpoint_step(path: Path) -> int | None:
+    """The optimizer step of a Trainer checkpoint folder (``checkpoint-<step>``), None for another name."""
     if not path.name.startswith(_CHECKPOINT_PREFIX):
         return None
     try:
         return int(path.name[len(_CHECKPOINT_PREFIX) :])
     except ValueError:
         return None
+
+
+#: The narrowest remedy for a damaged stability_config.json (prepare() rebuilds it).
+CONFIG_REMEDY = (
+    "Run the study again with the arguments its models were trained with (it rewrites stability_config.json when "
+    "they are the ones the run's manifests record), or restore the file from a copy of the run."
+)
+
+
+def kept_snapshot_steps(spawn_steps: list[int], max_steps: int) -> list[int]:
+    """The parent's snapshots (parent/trajectory/step-<s>) a finished study keeps: the spawn steps
+    after 0 (step 0 is parent/initial) and the last step, so that a damaged child can be trained
+    again alone and measured against its parent. They cost one copy of the trained weights each."""
+    return sorted({t for t in spawn_steps if t > 0} | {max_steps})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate_config(config: dict[str, Any], path: Path) -> None:
+    """The fields of ``stability_config.json`` that hf_stability reads back, type-checked: a
+    damaged or crafted file (a spawn step "5/../../x") is refused, naming the field, before any
+    of its values becomes a path or a number."""
+
+    def refuse(field_name: str, expected: str) -> None:
+        raise RunDirectoryError(
+            f"{path}: the field {field_name!r} holds {str(config.get(field_name))[:120]!r}, not {expected}: the file "
+            f"was edited or damaged. {CONFIG_REMEDY}"
+        )
+
+    if not _is_int(config.get("max_steps")) or config["max_steps"] < 1:
+        refuse("max_steps", "a positive integer")
+    for name in ("spawn_steps", "children"):
+        values = config.get(name)
+        if not isinstance(values, list) or not values or not all(_is_int(v) and v >= 0 for v in values):
+            refuse(name, "a non-empty list of non-negative integers")
+    if any(t >= config["max_steps"] for t in config["spawn_steps"]):
+        refuse("spawn_steps", f"steps below max_steps ({config['max_steps']})")
+    if not isinstance(config.get("fingerprint"), str):
+        refuse("fingerprint", "a string")
+    stability = config.get("stability_arguments")
+    if not isinstance(stability, dict) or not isinstance(stability.get("control_child"), bool):
+        refuse("stability_arguments", "an object with a boolean control_child")
+    for key in ("base_model", "dataset_name"):
+        if stability.get(key) is not None and not isinstance(stability[key], str):
+            refuse("stability_arguments", f"an object whose {key} is a string or null")
+    perturbations = config.get("perturbations")
+    if not isinstance(perturbations, dict) or not all(
+        isinstance(by_child, dict) and all(isinstance(c, dict) for c in by_child.values())
+        for by_child in perturbations.values()
+    ):
+        refuse("perturbations", "an object of spawn steps holding an object per child")
+    identity = config.get("identity")
+    if not isinstance(identity, dict) or fingerprint(identity) != config["fingerprint"]:
+        refuse("fingerprint", "the fingerprint of the run's identity (the arguments that fix its weights)")
+    # every field read back must be what the fingerprinted identity says
+    from .arguments import StabilityArguments
+    from .errors import HfStabilityError
+
+    try:
+        plan = StabilityArguments.from_recorded(identity.get("stability_arguments") or {}).plan()
+    except (HfStabilityError, TypeError) as err:
+        raise RunDirectoryError(f"{path}: its identity holds stability arguments this version cannot read ({err}). "
+                                f"{CONFIG_REMEDY}") from None
+    expected = {**plan, "max_steps": identity.get("max_steps")}
+    for name, value in expected.items():
+        if config.get(name) != value:
+            refuse(name, f"what the run's fingerprinted identity says ({value!r})")
+    if stability["control_child"] != identity["stability_arguments"].get("control_child", True):
+        refuse("stability_arguments", "the control_child of the run's fingerprinted identity")
 
 
 @dataclass
@@ -142,20 +228,99 @@ class RunDirectory:
     def child_final(self, spawn_step: int, child: int) -> Path:
         return self.child_dir(spawn_step, child) / "final"
 
+    def perturbation_file(self, spawn_step: int, child: int) -> Path:
+        return self.child_dir(spawn_step, child) / PERTURBATION_NAME
+
+    def divergence_file(self, spawn_step: int, child: int) -> Path:
+        return self.child_dir(spawn_step, child) / DIVERGENCE_NAME
+
+    def diverged_file(self, spawn_step: int, child: int) -> Path:
+        return self.child_dir(spawn_step, child) / DIVERGED_NAME
+
+    def manifest_of(self, final_dir: Path) -> Path:
+        """The manifest of the run whose final/ is ``final_dir`` (its names are relative to the run's folder)."""
+        return final_dir / MANIFEST_NAME
+
+    @property
+    def data_manifest(self) -> Path:
+        return self.data_dir / MANIFEST_NAME
+
+    def stacked_group_dir(self, spawn_step: int, children: list[int]) -> Path:
+        """Scratch output_dir of a stacked group (a temporary: deleted when the group is written)."""
+        return self.root / "children" / f"t{spawn_step}" / f".stacked-{'-'.join(map(str, children))}.tmp"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / LOCK_NAME
+
+    def own_folder(self, folder: Path) -> Path:
+        """``folder``, a folder of this run that hf_stability writes into (analysis/, its plots/),
+        created if missing and checked: neither it nor a folder on its way from the run's root may
+        be a symbolic link (a link planted in a downloaded run would have reports written anywhere),
+        and it must be writable, so that no work is done for a write that cannot happen."""
+        current = self.root
+        for part in folder.relative_to(self.root).parts:
+            current = current / part
+            if current.is_symlink():
+                raise RunDirectoryError(
+                    f"{current} is a symbolic link (to {os.readlink(current)}): hf_stability writes only inside the "
+                    "run directory. Replace the link with a real folder (or remove it) and run this again."
+                )
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder) as probe:  # a byte, so that a full disk shows too
+                probe.write(b"0")
+                probe.flush()
+        except OSError as err:
+            full = disk_full_error(err, folder)
+            if full is not None:
+                raise full from err
+            raise RunDirectoryError(
+                f"Cannot write into {folder} ({err.strerror or err}): make it writable (or copy the run "
+                "directory somewhere writable) and run this again."
+            ) from None
+        return folder
+
+    def remove_temporaries(self) -> None:
+        """Delete what killed writers left anywhere in the run (every temporary is named
+        ``.<name>[.<random>].tmp``: atomic files, ``.final.tmp``, stacked groups' scratch folders,
+        push staging). Call it only while holding the run's lock."""
+        if not self.root.is_dir():
+            return
+        for folder, subfolders, _ in os.walk(self.root):
+            remove_stale_temporaries(folder)
+            subfolders[:] = [d for d in subfolders if not (d.startswith(".") and d.endswith(".tmp"))]
+
     # state
     def load_config(self) -> dict[str, Any]:
+        """``stability_config.json``, read and checked (shape, and agreement with the run's
+        fingerprinted identity).
+
+        Raises:
+            RunDirectoryError: no config, another format version, or a damaged config.
+        """
         if not self.config_file.is_file():
             raise RunDirectoryError(
                 f"{self.root} is not a run directory: {CONFIG_NAME} is missing. "
                 "Point to the output_dir of a StabilityTrainer.butterfly() run."
             )
-        try:
-            config = json.loads(self.config_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise RunDirectoryError(f"{self.config_file} is not valid JSON ({err}); re-run with overwrite.") from None
+        config = read_json(self.config_file, CONFIG_REMEDY)
         if config.get("format_version") != FORMAT_VERSION:
             raise RunDirectoryError(self._version_message(config) + ".")
+        _validate_config(config, self.config_file)
         return config
+
+    def recorded_fingerprint(self) -> str | None:
+        """The run fingerprint recorded in the parent's or the data's manifest (None: neither has
+        one): what a damaged stability_config.json is rebuilt against."""
+        for manifest in (self.manifest_of(self.parent_final), self.data_manifest):
+            try:
+                value = read_json(manifest, "").get("fingerprint")
+            except RunDirectoryError:
+                continue
+            if isinstance(value, str):
+                return value
+        return None
 
     def _version_message(self, config: dict[str, Any]) -> str:
         written_by = (config.get("versions") or {}).get("hf_stability", "another version")
@@ -183,17 +348,17 @@ class RunDirectory:
             return None
         remove_stale_temporaries(directory)
         candidates = sorted(
-            (p for p in directory.iterdir() if p.is_dir() and _checkpoint_step(p) is not None),
-            key=_checkpoint_step,
+            (p for p in directory.iterdir() if p.is_dir() and checkpoint_step(p) is not None),
+            key=checkpoint_step,
         )
         best = None
         for path in candidates:
-            step = _checkpoint_step(path)
+            step = checkpoint_step(path)
             usable = is_complete_checkpoint(path) and all(f.is_file() for f in (requires(step) if requires else []))
             if usable:
                 best = path
         for path in candidates:
-            if best is None or _checkpoint_step(path) > _checkpoint_step(best):
+            if best is None or checkpoint_step(path) > checkpoint_step(best):
                 shutil.rmtree(path, ignore_errors=True)
         return best
 
@@ -204,18 +369,39 @@ class RunDirectory:
         owned = [self.config_file, self.parent_dir, self.root / "children", self.analysis_dir, self.data_dir]
         if self.config_file.is_file():
             try:
-                old = json.loads(self.config_file.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                old = {}
-            if old.get("format_version", FORMAT_VERSION) != FORMAT_VERSION and not overwrite:
-                raise RunDirectoryError(self._version_message(old) + ", or pass --overwrite_run to delete it.")
-            if old.get("fingerprint") == config["fingerprint"] and old.get("format_version") == FORMAT_VERSION:
+                old = read_json(self.config_file, CONFIG_REMEDY)
+            except RunDirectoryError:
+                old = None
+            if old is not None and old.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+                if not overwrite:
+                    raise RunDirectoryError(self._version_message(old) + ", or pass --overwrite_run to delete it.")
+            else:
+                try:
+                    if old is None:
+                        raise RunDirectoryError("unreadable")
+                    _validate_config(old, self.config_file)
+                except RunDirectoryError as damaged:
+                    # a damaged config, whose models may be intact: rebuilt when these arguments are the run's
+                    if self.recorded_fingerprint() == config["fingerprint"]:
+                        logger.warning("%s was damaged; rebuilt from these arguments, which are the ones the run's "
+                                       "manifests record.", self.config_file)
+                        write_json(self.config_file, config)
+                        return
+                    if not overwrite:
+                        raise RunDirectoryError(
+                            f"{self.config_file} is damaged ({damaged}), and no manifest of the run records these "
+                            "arguments: run the study with the arguments its models were trained with, restore the "
+                            "file from a copy of the run, or pass --overwrite_run to delete the run."
+                        ) from None
+                    old = None
+            if old is not None and old.get("fingerprint") == config["fingerprint"] \
+                    and old.get("format_version") == FORMAT_VERSION:
                 return
-            if not overwrite:
+            if old is not None and not overwrite:
                 diffs = _differences(old.get("identity", {}), config["identity"])
                 shown = "; ".join(diffs[:5]) + (" ..." if len(diffs) > 5 else "")
                 raise RunConfigMismatchError(
-                    f"{self.root} holds a run of another configuration ({shown or 'unreadable config'}). "
+                    f"{self.root} holds a run of another configuration ({shown}). "
                     "Choose another output_dir, or pass --overwrite_run (StabilityArguments.overwrite_run=True) "
                     "to delete it."
                 )
@@ -231,6 +417,35 @@ class RunDirectory:
                 path.unlink()
         write_json(self.config_file, config)
 
+    def child_remedy(self, spawn_step: int, child: int) -> str:
+        """The narrowest remedy for a damaged file of a child: train that child again alone."""
+        return (
+            f"Delete {self.child_dir(spawn_step, child)} and run the study again: it trains that child alone again "
+            f"from the parent's checkpoint-{spawn_step}, which a finished study keeps for this."
+        )
+
+    def data_remedy(self) -> str:
+        """The narrowest remedy for damaged saved data (RUN/data)."""
+        return (f"The saved data of {self.data_dir} is damaged: restore that folder from a copy of the run, or analyse "
+                "with your own data: analyze_run(..., eval_data=..., train_data=...).")
+
+    def parent_remedy(self) -> str:
+        """The narrowest remedy for a damaged file of the parent's final/."""
+        return (
+            f"Restore {self.parent_final} from a copy of the run; otherwise the parent and every child must be trained "
+            "again (--overwrite_run)."
+        )
+
+    def divergence(self, spawn_step: int, child: int) -> list[dict[str, Any]]:
+        """A child's divergence record (strict once the child is done: every line must be whole)."""
+        return read_divergence(self.divergence_file(spawn_step, child), self.child_remedy(spawn_step, child),
+                               finished=self.child_status(spawn_step, child) == "done")
+
+    def eval_results(self, final_dir: Path, remedy: str) -> dict[str, float]:
+        """The eval_results.json of a final/ folder ({} when the run had no eval set)."""
+        path = final_dir / EVAL_RESULTS_NAME
+        return read_json(path, remedy) if path.is_file() else {}
+
     def summary(self) -> list[ChildSummary]:
         """One row per child: status, final L2 to the parent, evaluation metrics."""
         config = self.load_config()
@@ -238,12 +453,9 @@ class RunDirectory:
         rows = []
         for t in config["spawn_steps"]:
             for k in config["children"]:
-                directory = self.child_dir(t, k)
-                trajectory = read_jsonl(directory / "divergence.jsonl")
+                trajectory = self.divergence(t, k)
                 final = [r["l2"] for r in trajectory if r.get("step") == max_steps]
                 start = [r["l2"] for r in trajectory if r.get("step") == t]
-                results = directory / "final" / EVAL_RESULTS_NAME
-                metrics = json.loads(results.read_text(encoding="utf-8")) if results.is_file() else {}
                 rows.append(
                     ChildSummary(
                         spawn_step=int(t),
@@ -252,11 +464,10 @@ class RunDirectory:
                         status=self.child_status(t, k),
                         final_l2=final[-1] if final else None,
                         perturbation_l2=start[-1] if start else None,
-                        eval_metrics=metrics,
+                        eval_metrics=self.eval_results(self.child_final(t, k), self.child_remedy(t, k)),
                     )
                 )
         return rows
 
     def parent_metrics(self) -> dict[str, float]:
-        results = self.parent_final / EVAL_RESULTS_NAME
-        return json.loads(results.read_text(encoding="utf-8")) if results.is_file() else {}
+        return self.eval_results(self.parent_final, self.parent_remedy())

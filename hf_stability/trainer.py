@@ -9,6 +9,7 @@ import logging
 import os
 import platform
 import shutil
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +30,11 @@ from .divergence import DivergenceCallback, ParentTrajectoryCallback, divergence
 from .errors import (
     ChildDivergedError,
     HfStabilityError,
+    NoMatchingParametersError,
     RunDirectoryError,
     SpawnStepError,
-    disk_full_error,
 )
+from .atomic_io import disk_full_error
 from .parallel_children import (
     ELEMENTWISE_OPTIMIZERS,
     ChildLossCallback,
@@ -47,14 +49,20 @@ from .parallel_children import (
     use_eager_attention,
 )
 from .perturb import WEIGHT_KINDS, init_scales, perturb_model, select_parameters
+from .manifest import named_files, verify, write_manifest
 from .run_directory import (
+    DIVERGENCE_NAME,
     EVAL_RESULTS_NAME,
+    MANIFEST_NAME,
+    PERTURBATION_NAME,
     FORMAT_VERSION,
     ChildSummary,
     RunDirectory,
     checkpoint_problem,
+    checkpoint_step,
     fingerprint,
     is_complete_checkpoint,
+    kept_snapshot_steps,
 )
 
 logger = logging.getLogger(__name__)
@@ -126,6 +134,12 @@ class ButterflyResult:
         return "\n".join(lines)
 
 
+def is_peft_model(model: nn.Module | None) -> bool:
+    """Whether ``model`` is a PEFT model (an adapter around a base model): checked by class name,
+    so that peft need not be installed."""
+    return any(cls.__name__ == "PeftModel" and cls.__module__.startswith("peft.") for cls in type(model).__mro__)
+
+
 def _needs_name_conversion(model: nn.Module, checkpoint: Path) -> bool:
     """Whether the checkpoint's weight names are not the model's own (see checkpoint_state_dict)."""
     weights = checkpoint / "model.safetensors"
@@ -169,6 +183,25 @@ def _converted_state_dict(model: nn.Module, checkpoint: Path) -> dict[str, torch
             "mapping: the checkpoint was written by another architecture. Re-run with --overwrite_run."
         )
     return state
+
+
+@contextlib.contextmanager
+def _checkpoint_file_errors(checkpoint: str | None) -> Iterator[None]:
+    """A checkpoint file that torch cannot read (truncated, bytes flipped) becomes a
+    RunDirectoryError naming the checkpoint, not a raw unpickling traceback."""
+    try:
+        yield
+    except HfStabilityError:
+        raise
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
+        if checkpoint is None or disk_full_error(err, checkpoint) is not None:
+            raise
+        raise RunDirectoryError(
+            f"A file of the checkpoint {checkpoint} cannot be read ({type(err).__name__}: {str(err)[:200]}): it is "
+            "damaged. Delete that checkpoint folder if it is a child's own (the child then restarts from its spawn "
+            "checkpoint); a damaged spawn checkpoint must be restored from a copy of the run, or the parent trained "
+            "again with --overwrite_run."
+        ) from None
 
 
 def _fmt(value: float | None) -> str:
@@ -218,6 +251,8 @@ class StabilityTrainer(Trainer):
         self._training_child: tuple[int, int] | None = None
         self._stacked_optimizer_state: dict[str, Any] | None = None
         self._stacked_numerics = False  # set by butterfly() from the run (see _match_stacked)
+        self._run_fingerprint: str | None = None  # set by butterfly(): recorded in every manifest
+        self._checked_spawns: set[int] = set()  # spawn checkpoints found whole in this process
 
     # ---- Trainer hooks -------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -278,14 +313,20 @@ class StabilityTrainer(Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """Stacked children: the spawn checkpoint's optimizer state repeated for every child, and
-        its scheduler; otherwise the Trainer's own loading."""
-        if self._stacked_optimizer_state is None or checkpoint is None:
-            return super()._load_optimizer_and_scheduler(checkpoint)
-        self.optimizer.load_state_dict(self._stacked_optimizer_state)
-        scheduler = Path(checkpoint) / "scheduler.pt"
-        if scheduler.is_file():
-            self.lr_scheduler.load_state_dict(torch.load(scheduler, map_location="cpu", weights_only=True))
+        its scheduler; otherwise the Trainer's own loading. A damaged file is named."""
+        with _checkpoint_file_errors(checkpoint):
+            if self._stacked_optimizer_state is None or checkpoint is None:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            self.optimizer.load_state_dict(self._stacked_optimizer_state)
+            scheduler = Path(checkpoint) / "scheduler.pt"
+            if scheduler.is_file():
+                self.lr_scheduler.load_state_dict(torch.load(scheduler, map_location="cpu", weights_only=True))
         return None
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """The Trainer's own, with a damaged RNG file named."""
+        with _checkpoint_file_errors(checkpoint):
+            super()._load_rng_state(checkpoint)
 
     # ---- butterfly --------------------------------------------------------------------------
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
@@ -342,20 +383,32 @@ class StabilityTrainer(Trainer):
                 f"Spawn steps {late} are at or beyond the last training step ({max_steps}): a child needs at least "
                 f"one step to train. Choose spawn steps in [0, {max_steps - 1}] or train longer."
             )
+        from .run_lock import locked_run_on_main
+
+        # Bad input was refused above, before anything is written; from here on this process is the
+        # run directory's only writer.
+        with locked_run_on_main(self.args.output_dir, "butterfly", self.accelerator, create=True):
+            return self._run_study(max_steps)
+
+    def _run_study(self, max_steps: int) -> ButterflyResult:
+        sargs = self.stability_args
         run = RunDirectory(self.args.output_dir)
         failure: HfStabilityError | None = None
         if self.is_world_process_zero():
             try:
-                run.prepare(self._run_config(max_steps), overwrite=sargs.overwrite_run)
-                self._save_analysis_data(run)
+                config = self._run_config(max_steps)
+                run.prepare(config, overwrite=sargs.overwrite_run)
+                run.remove_temporaries()  # a killed run's leftovers (we hold the lock: nobody is writing them)
+                self._save_analysis_data(run, config["fingerprint"])
             except HfStabilityError as err:
                 failure = err
         failure = self._broadcast_object(failure)  # every rank stops, not only rank 0
         if failure is not None:
             raise failure
         # The run's numerics are fixed when it is created: a resumed run keeps its parent's.
-        stacked = bool(run.load_config().get("stacked_numerics")) if self.is_world_process_zero() else None
-        self._stacked_numerics = self._broadcast_object(stacked)
+        config = run.load_config() if self.is_world_process_zero() else {}
+        self._stacked_numerics = self._broadcast_object(bool(config.get("stacked_numerics")))
+        self._run_fingerprint = self._broadcast_object(config.get("fingerprint"))
         if sargs.parallel_children > 1 and not self._stacked_numerics and self.args.device.type == "cuda":
             logger.warning("This run was created with parallel_children=1: its parent used fused dropout and attention "
                            "kernels, which stacked children cannot use, so their control will not follow the parent "
@@ -365,31 +418,42 @@ class StabilityTrainer(Trainer):
         jobs = [(t, k) for t in sargs.spawn_steps for k in sargs.child_indices()]
         try:
             self._train_parent(run, max_steps)
+            for t in sargs.spawn_steps:  # every spawn checkpoint still needed is checked before any child trains
+                if any(run.child_status(t, k) == "pending" for k in sargs.child_indices()):
+                    self._spawn_checkpoint(run, t, max_steps)
             progress = tqdm(
                 total=len(jobs), desc="children", unit="child", disable=not self.is_world_process_zero(), position=0
             )
             with progress:
                 for t in sargs.spawn_steps:
-                    pending = [k for k in sargs.child_indices() if run.child_status(t, k) == "pending"]
-                    progress.update(len(sargs.child_indices()) - len(pending))
-                    width = sargs.parallel_children
-                    for group in [pending[i : i + width] for i in range(0, len(pending), width)]:
+                    for group in sargs.child_groups():
+                        # Groups are fixed by the plan, not by what is left to do: a group killed after some
+                        # of its children were written trains again whole (the same stack, the same bits)
+                        # and writes only the missing ones.
+                        pending = [k for k in group if run.child_status(t, k) == "pending"]
+                        progress.update(len(group) - len(pending))
+                        if not pending:
+                            continue
                         if len(group) > 1:
-                            self._train_children_stacked(run, t, group, max_steps)
+                            self._train_children_stacked(run, t, group, max_steps, pending)
                         else:
                             self._train_child(run, t, group[0], max_steps)
-                        progress.update(len(group))
+                        progress.update(len(pending))
         finally:
             self.args.output_dir, self.args.save_total_limit = saved
 
         if self.is_world_process_zero() and not sargs.keep_parent_trajectory:
-            shutil.rmtree(run.trajectory_dir, ignore_errors=True)
+            # the snapshots at the spawn steps and the last step stay: a damaged child is retrained from them
+            kept = {run.trajectory_file(step) for step in kept_snapshot_steps(sargs.spawn_steps, max_steps)}
+            for snapshot in run.trajectory_dir.glob("step-*.safetensors"):
+                if snapshot not in kept:
+                    snapshot.unlink()
         self.accelerator.wait_for_everyone()
         return ButterflyResult(
             run_dir=run.root, max_steps=max_steps, parent_metrics=run.parent_metrics(), children=run.summary()
         )
 
-    def _save_analysis_data(self, run: RunDirectory) -> None:
+    def _save_analysis_data(self, run: RunDirectory, run_fingerprint: str) -> None:
         """Save the model inputs of a training subset and the evaluation set in RUN/data, so that
         the run can be analysed on another machine without the code that built the data."""
         import datasets
@@ -412,7 +476,14 @@ class StabilityTrainer(Trainer):
             with atomic_directory(target) as tmp:
                 subset.save_to_disk(str(tmp))
         collator = "padding" if isinstance(self.data_collator, DataCollatorWithPadding) else "default"
-        write_json(run.data_dir / "collator.json", {"collator": collator})
+        tokenizer = run.data_dir / "tokenizer"
+        if collator == "padding" and not tokenizer.is_dir():  # what the analyzer pads with
+            with atomic_directory(tokenizer) as tmp:
+                self.data_collator.tokenizer.save_pretrained(str(tmp))
+        if not (run.data_dir / "collator.json").is_file():
+            write_json(run.data_dir / "collator.json", {"collator": collator})
+        if not run.data_manifest.is_file():  # the data is complete: record its checksums
+            write_manifest(run.data_manifest, named_files(run.data_dir, ""), run_fingerprint)
 
     def _check_butterfly_arguments(self) -> None:
         if self._user_optimizer:
@@ -428,6 +499,7 @@ class StabilityTrainer(Trainer):
             )
         if self.train_dataset is None:
             raise HfStabilityError("butterfly() needs a train_dataset.")
+        self._check_model_can_be_analysed()
         if self.stability_args.parallel_children > 1:
             self._check_parallel_children()
         config = self.stability_args.perturbation_config()
@@ -435,6 +507,80 @@ class StabilityTrainer(Trainer):
             selected = select_parameters(self.model, config.include, config.exclude)
             if config.scale_mode == "init":
                 init_scales(self.model, list(selected))
+            entries = sum(p.numel() for p in selected.values())
+            if config.num_entries is not None and config.num_entries > entries:
+                raise NoMatchingParametersError(
+                    f"perturbation_num_entries={config.num_entries} is larger than the {entries} entries the "
+                    "perturbation selects: lower it, or widen perturbation_include."
+                )
+        self._check_training_batch()
+
+    def _check_model_can_be_analysed(self) -> None:
+        """The analyzer rebuilds every final/ with ``from_pretrained``: refuse a model that saves
+        no config.json (not a PreTrainedModel) before it trains, and warn when its class is not one
+        that ``hf-stability analyze`` can find in transformers by name."""
+        from transformers import PreTrainedModel
+
+        model = self.model
+        if is_peft_model(model):
+            raise HfStabilityError(
+                f"butterfly() cannot train a PEFT model ({type(model).__name__}) yet: its checkpoints hold only the "
+                "adapter (adapter_model.safetensors), which the children and the analyzer do not read. Study the "
+                "merged model (model.merge_and_unload()) with full fine-tuning, or perturb a plain Trainer run of the "
+                "adapter with PerturbationCallback."
+            )
+        if not isinstance(model, PreTrainedModel):
+            raise HfStabilityError(
+                f"butterfly() needs a transformers PreTrainedModel: every final/ is saved with save_pretrained and "
+                f"rebuilt by the analyzer with from_pretrained, and a {type(model).__name__} saves no config.json. "
+                "Wrap it in a PreTrainedModel subclass (with a PretrainedConfig), or perturb a plain Trainer run "
+                "with PerturbationCallback."
+            )
+        import transformers
+
+        if getattr(transformers, type(model).__name__, None) is not type(model):
+            logger.warning(
+                "%s is not a transformers class: `hf-stability analyze` cannot rebuild it from the run directory. "
+                "Analyse the run from Python: hf_stability.analysis.analyze_run(RUN, model_class=%s).",
+                type(model).__name__, type(model).__name__,
+            )
+
+    def _check_training_batch(self) -> None:
+        """One training batch through the collator and the model's loss, before anything is
+        written: labels the model cannot take (strings, a column the model does not read) fail
+        here with what to do, not after the parent trained. Moves no global RNG."""
+        from .perturb.rng import preserve_global_rng
+
+        columns = sorted(self.train_dataset[0]) if hasattr(self.train_dataset, "__getitem__") else []
+        with preserve_global_rng():
+            try:
+                batch = next(iter(self.get_train_dataloader()))
+            except StopIteration:
+                raise HfStabilityError("The train_dataset is empty: butterfly() needs training examples.") from None
+            except (ValueError, TypeError, KeyError) as err:
+                raise HfStabilityError(
+                    f"The data collator cannot batch the first training examples ({type(err).__name__}: "
+                    f"{str(err)[:200]}). Their columns are {columns}: labels must be numbers (class ids for "
+                    "classification, floats for regression), and text must be tokenised first."
+                ) from None
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                return  # the model is sharded only when training starts: no forward pass here
+            model = self.model
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    loss = self.compute_loss(model, self._prepare_inputs(batch))
+            except ValueError as err:
+                raise HfStabilityError(
+                    f"The model computes no training loss from the first batch ({str(err)[:300]}). The training "
+                    f"data (columns {columns}) needs a 'labels' or 'label' column of numbers that the "
+                    f"{type(model).__name__} reads, or a data collator that makes the labels."
+                ) from None
+            finally:
+                model.train(was_training)
+        if not isinstance(loss, torch.Tensor):
+            raise HfStabilityError(f"compute_loss returned {type(loss).__name__}, not a loss tensor.")
 
     def _check_parallel_children(self) -> None:
         """Refuse, before anything trains, what stacked children cannot do as single children would."""
@@ -479,25 +625,44 @@ class StabilityTrainer(Trainer):
                 f"{have / 2**30:.1f} GiB are free. Lower parallel_children or the batch size."
             )
 
-    @staticmethod
-    def _spawn_checkpoint(run: RunDirectory, t: int) -> Path:
-        """The parent's checkpoint at spawn step ``t``; raises when it is incomplete (children
-        must never start from a partial one)."""
+    def _spawn_checkpoint(self, run: RunDirectory, t: int, max_steps: int) -> Path:
+        """The parent's checkpoint at spawn step ``t``, checked once per process: it must be
+        complete and, where the parent's manifest recorded them, its files and the parent's
+        snapshots a child of step ``t`` is measured against must match their checksums
+        (children must never start from a partial or damaged one)."""
         spawn = run.parent_checkpoint(t)
-        problem = checkpoint_problem(spawn)
-        if problem is not None:
-            raise RunDirectoryError(
-                f"The spawn checkpoint {spawn} is unusable: {problem}. Re-run with --overwrite_run to train the parent "
-                "again."
-            )
+        if t in self._checked_spawns:
+            return spawn
+        remedy = (f"The children of spawn step {t} that are still to train start from it: restore {spawn.name} from a "
+                  "copy of the run, or pass --overwrite_run to train the parent again (this deletes the finished "
+                  "children too).")
+        failure: HfStabilityError | None = None
+        if self.is_world_process_zero():
+            problem = checkpoint_problem(spawn)
+            if problem is not None:
+                failure = RunDirectoryError(f"The spawn checkpoint {spawn} is unusable: {problem}. {remedy}")
+            elif run.manifest_of(run.parent_final).is_file():
+                wanted = {f"trajectory/{run.trajectory_file(s).name}" for s in (t, max_steps)}
+                wanted.add("initial/model.safetensors")
+                try:
+                    verify(run.manifest_of(run.parent_final), run.parent_dir, lambda name: remedy,
+                           only=lambda name: name.startswith(f"{spawn.name}/") or name in wanted)
+                except RunDirectoryError as err:
+                    failure = err
+        failure = self._broadcast_object(failure)
+        if failure is not None:
+            raise failure
+        self._checked_spawns.add(t)
         return spawn
 
-    def _train_children_stacked(self, run: RunDirectory, t: int, children: list[int], max_steps: int) -> None:
+    def _train_children_stacked(
+        self, run: RunDirectory, t: int, children: list[int], max_steps: int, pending: list[int]
+    ) -> None:
         """Train ``children`` of spawn step ``t`` as one stacked model (parallel_children.py), then
-        write each child's final/ like a child trained alone. A killed group restarts from the
-        spawn checkpoint."""
+        write the final/ of each child in ``pending`` like a child trained alone (the others are
+        already written). A killed group restarts from the spawn checkpoint."""
         sargs = self.stability_args
-        spawn = self._spawn_checkpoint(run, t)
+        spawn = self._spawn_checkpoint(run, t, max_steps)
         original_model, original_init = self.model, self.model_init
         template = original_model if original_model is not None else self.call_model_init()
         # The dataset columns the model takes come from its forward signature: read them now, from the
@@ -511,7 +676,7 @@ class StabilityTrainer(Trainer):
 
             dataloader = self.get_train_dataloader()
             batches = {k: _independent_batch(dataloader, configs[k], t, k) for k in children}
-        for k in children:
+        for k in pending:
             directory = run.child_dir(t, k)
             directory.mkdir(parents=True, exist_ok=True)
             for stale in directory.glob("checkpoint-*"):
@@ -521,7 +686,8 @@ class StabilityTrainer(Trainer):
             model = copy.deepcopy(template)
             model.load_state_dict(weights, strict=False)
             record = perturb_model(model, configs[k], step=t, child=k, batch=batches.get(k))
-            write_json(run.child_dir(t, k) / "perturbation.json", record.to_dict())
+            if k in pending:
+                write_json(run.child_dir(t, k) / "perturbation.json", record.to_dict())
             return model
 
         # Weight noise is drawn from each child's own CPU generator and touches no global RNG, so the
@@ -537,7 +703,7 @@ class StabilityTrainer(Trainer):
         # the weights are already in the stacked model and the optimizer state is repeated K times
         # in memory (_load_from_checkpoint and _load_optimizer_and_scheduler below).
         self._stacked_optimizer_state = stacked_optimizer_state(spawn / "optimizer.pt", len(children))
-        group_dir = run.child_dir(t, children[0]).parent / f".stacked-{'-'.join(map(str, children))}"
+        group_dir = run.stacked_group_dir(t, children)
         shutil.rmtree(group_dir, ignore_errors=True)
         group_dir.mkdir(parents=True)
 
@@ -546,7 +712,7 @@ class StabilityTrainer(Trainer):
             ChildLossCallback(children, diverged),
             StackedDivergenceCallback(
                 children, diverged,
-                output_files=[run.child_dir(t, k) / "divergence.jsonl" for k in children],
+                output_files={k: run.child_dir(t, k) / "divergence.jsonl" for k in pending},
                 spawn_step=t,
                 steps=divergence_steps(t, max_steps, sargs.divergence_every),
                 path_for=lambda step: self._reference_file(run, step),
@@ -569,7 +735,7 @@ class StabilityTrainer(Trainer):
 
             self.model_init = stacked_init
         try:
-            self._train_run(group_dir, callbacks, spawn)
+            self._train_run(group_dir, callbacks, spawn, max_steps)
         finally:
             self._stacked_optimizer_state = None
             self.args.save_strategy, self.args.eval_strategy = saved_strategies
@@ -578,13 +744,15 @@ class StabilityTrainer(Trainer):
                 cb for cb in self.callback_handler.callbacks if not isinstance(cb, ChildLossCallback)
             ]
         for index, k in enumerate(children):
+            if k not in pending:
+                continue
             if k in diverged:
                 logger.warning("Child %d of spawn step %d diverged at step %d (%s); going on.", k, t,
                                diverged[k]["step"], diverged[k]["reason"])
                 write_json(run.child_dir(t, k) / "diverged.json", diverged[k])
                 continue
             self.model = self.model_wrapped = unstack_into(stacked, index, template)
-            self._finalize(run.child_final(t, k))
+            self._finalize(run.child_final(t, k), self._child_records(run, t, k))
         self.model = self.model_wrapped = original_model if original_model is not None else template
         shutil.rmtree(group_dir, ignore_errors=True)
 
@@ -622,16 +790,11 @@ class StabilityTrainer(Trainer):
             "max_steps": max_steps,
         }
         identity = json.loads(json.dumps(identity, sort_keys=True, default=str))  # as it will be read back
-        children = sargs.child_indices()
         return {
             "format_version": FORMAT_VERSION,
             "fingerprint": fingerprint(identity),
             "max_steps": max_steps,
-            "spawn_steps": list(sargs.spawn_steps),
-            "children": children,
-            "perturbations": {
-                f"t{t}": {f"c{k}": sargs.config_for_child(k).to_dict() for k in children} for t in sargs.spawn_steps
-            },
+            **sargs.plan(),
             "seeds": {"seed": self.args.seed, "data_seed": self.args.data_seed, "perturbation_seed": sargs.perturbation_seed},
             "stability_arguments": sargs.to_dict(),
             "training_arguments": training,
@@ -647,14 +810,7 @@ class StabilityTrainer(Trainer):
 
     def _train_parent(self, run: RunDirectory, max_steps: int) -> None:
         if run.parent_final.is_dir():
-            problems = {t: checkpoint_problem(run.parent_checkpoint(t)) for t in self.stability_args.spawn_steps}
-            missing = [f"{run.parent_checkpoint(t).name} ({problem})" for t, problem in problems.items() if problem]
-            if missing:
-                raise RunDirectoryError(
-                    f"The parent has finished but spawn checkpoints in {run.parent_dir} are unusable: "
-                    f"{'; '.join(missing)}. Re-run with --overwrite_run to train the parent again."
-                )
-            return
+            return  # the spawn checkpoints are checked where a child still needs one
         sargs = self.stability_args
         reference_steps = set(sargs.spawn_steps)
         for t in sargs.spawn_steps:
@@ -688,13 +844,13 @@ class StabilityTrainer(Trainer):
         if self.args.save_total_limit is not None:
             logger.warning("save_total_limit is ignored for the parent: its spawn checkpoints must all be kept.")
         self.args.save_total_limit = None
-        self._train_run(run.parent_dir, callbacks, resume)
-        self._finalize(run.parent_final)
+        self._train_run(run.parent_dir, callbacks, resume, max_steps)
+        self._finalize(run.parent_final, self._parent_records(run, max_steps))
 
     def _train_child(self, run: RunDirectory, t: int, k: int, max_steps: int) -> None:
         sargs = self.stability_args
         directory = run.child_dir(t, k)
-        spawn = self._spawn_checkpoint(run, t)
+        spawn = self._spawn_checkpoint(run, t, max_steps)
         if self.is_world_process_zero():
             directory.mkdir(parents=True, exist_ok=True)
         own = run.last_complete_checkpoint(directory) if self.is_world_process_zero() else None
@@ -710,7 +866,7 @@ class StabilityTrainer(Trainer):
         ]
         self._training_child = (t, k)
         try:
-            self._train_run(directory, callbacks, resume)
+            self._train_run(directory, callbacks, resume, max_steps)
         except ChildDivergedError as err:
             logger.warning("Child %d of spawn step %d diverged at step %d (%s); going on.", k, t, err.step, err.reason)
             if self.is_world_process_zero():
@@ -719,16 +875,22 @@ class StabilityTrainer(Trainer):
             return
         finally:
             self._training_child = None
-        self._finalize(run.child_final(t, k))
+        self._finalize(run.child_final(t, k), self._child_records(run, t, k))
         if self.is_world_process_zero() and not sargs.keep_child_checkpoints:
             for checkpoint in directory.glob("checkpoint-*"):
                 shutil.rmtree(checkpoint, ignore_errors=True)
 
-    def _train_run(self, output_dir: Path, callbacks: list[TrainerCallback], resume: Path | None) -> None:
-        """One Trainer.train() call of the study: fresh optimizer, seeded RNG, extra callbacks."""
+    def _train_run(
+        self, output_dir: Path, callbacks: list[TrainerCallback], resume: Path | None, max_steps: int
+    ) -> None:
+        """One Trainer.train() call of the study: fresh optimizer, seeded RNG, extra callbacks. A run
+        whose last checkpoint is already at ``max_steps`` is only loaded (see _load_finished_run)."""
         self.args.output_dir = str(output_dir)
         self.optimizer, self.lr_scheduler = None, None
         enable_full_determinism(self.args.seed) if self.args.full_determinism else set_seed(self.args.seed)
+        if resume is not None and checkpoint_step(resume) >= max_steps:
+            self._load_finished_run(resume, callbacks)
+            return
         self.callback_handler.callbacks.extend(callbacks)  # (add_callback warns on a second instance of a class)
         self._match_stacked(self.model)
         try:
@@ -739,8 +901,28 @@ class StabilityTrainer(Trainer):
                 cb for cb in self.callback_handler.callbacks if not isinstance(cb, ours)
             ]
 
-    def _finalize(self, final_dir: Path) -> None:
-        """Evaluate, then write ``final/`` (weights, config, tokenizer, eval results) in one rename."""
+    def _load_finished_run(self, checkpoint: Path, callbacks: list[TrainerCallback]) -> None:
+        """A run killed after its checkpoint at the last step and before its final/ was written:
+        load that checkpoint's model and state as train() would, and train no further.
+        ``train(resume_from_checkpoint=...)`` would take one more optimizer step (global step
+        max_steps + 1), which changes the weights under any schedule whose last learning rate is
+        not 0."""
+        if self.model_init is not None:
+            self.model = self.call_model_init()
+            if self.place_model_on_device:
+                self._move_model_to_device(self.model, self.args.device)
+            self.model_wrapped = self.model
+        self._match_stacked(self.model)
+        self._load_from_checkpoint(str(checkpoint))
+        self.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+        for callback in callbacks:
+            if isinstance(callback, DivergenceCallback):
+                callback.complete_record(self.state, self.model)
+
+    def _finalize(self, final_dir: Path, records: dict[str, Path]) -> None:
+        """Evaluate, then write ``final/`` (weights, config, tokenizer, eval results and the run's
+        manifest) in one rename. The manifest holds the checksums of final/'s files and of
+        ``records`` (the run's other files, by their names in the run's folder)."""
         metrics = self.evaluate() if self.eval_dataset is not None else {}
         tmp = final_dir.with_name(".final.tmp")
         if self.is_world_process_zero() and tmp.exists():
@@ -750,8 +932,24 @@ class StabilityTrainer(Trainer):
         if self.is_world_process_zero():
             (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle: not part of the run directory
             write_json(tmp / EVAL_RESULTS_NAME, {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+            files = {**named_files(tmp, final_dir.name), **records}
+            write_manifest(tmp / MANIFEST_NAME, files, self._run_fingerprint)
             os.replace(tmp, final_dir)
         self.accelerator.wait_for_everyone()
+
+    def _parent_records(self, run: RunDirectory, max_steps: int) -> dict[str, Path]:
+        """The parent's files besides final/ that its manifest covers: its initial weights, the spawn
+        checkpoints and the snapshots a finished study keeps (see kept_snapshot_steps)."""
+        records = {"initial/model.safetensors": run.initial_weights}
+        for t in self.stability_args.spawn_steps:
+            records.update(named_files(run.parent_checkpoint(t), run.parent_checkpoint(t).name))
+        for step in kept_snapshot_steps(self.stability_args.spawn_steps, max_steps):
+            records[f"trajectory/{run.trajectory_file(step).name}"] = run.trajectory_file(step)
+        return records
+
+    @staticmethod
+    def _child_records(run: RunDirectory, t: int, k: int) -> dict[str, Path]:
+        return {PERTURBATION_NAME: run.perturbation_file(t, k), DIVERGENCE_NAME: run.divergence_file(t, k)}
 
     def _load_parameters(self, path: Path) -> None:
         params = named_floating_parameters(self.model)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port, tiny_bert, tiny_trainer, tweets
+from helpers import free_port, tiny_bert, tiny_trainer, training_args, tweets
 from torch import nn
 
 from hf_stability import ArchitectureMismatchError, StabilityArguments
@@ -180,7 +180,7 @@ def small_run(tmp_path_factory):
 def test_analyze_run_writes_a_report_with_every_child_and_the_floor(small_run):
     report = analyze_run(small_run, AnalyzeArguments(train_samples=32, batch_size=16, pairs="all", cpu=True))
     saved = json.loads((small_run / "analysis" / "report.json").read_text())
-    assert saved["schema_version"] == 3 and saved["settings"]["eval_samples"] == 64
+    assert saved["schema_version"] == 4 and saved["settings"]["eval_samples"] == 64
     assert saved["settings"]["alignment"]["method"] == "weight"
     assert saved["settings"]["alignment"]["architecture"].startswith("BertForSequenceClassification")
     kinds = [(p["spawn_step"], p["kind"], p["a"], p["b"]) for p in saved["pairs"]]
@@ -217,26 +217,34 @@ def test_analyze_run_writes_a_report_with_every_child_and_the_floor(small_run):
     assert perturbation[(0, 0)] == 0.0 and perturbation[(0, 1)] > 0
 
 
-def test_an_analysis_is_reused_until_its_arguments_or_models_change(small_run, tmp_path):
+def test_an_analysis_is_reused_until_its_arguments_or_models_change(small_run, tmp_path, caplog):
     run = tmp_path / "run"
     shutil.copytree(small_run, run)
+    shutil.rmtree(run / "children" / "t4" / "c2")  # not trained yet
     args = AnalyzeArguments(train_samples=16, batch_size=16, alphas=3, alignment="none", cpu=True)
     first = analyze_run(run, args)
     path = run / "analysis" / "report.json"
     assert first["inputs"]["arguments"]["alphas"] == 3 and "reanalyze" not in first["inputs"]["arguments"]
+    assert len(first["pairs"]) == 5
     written = path.stat().st_mtime_ns
-    assert analyze_run(run, args) == first and path.stat().st_mtime_ns == written  # reused, not rewritten
+    with caplog.at_level("INFO", logger="hf_stability.analysis.runner"):
+        assert analyze_run(run, args) == first and path.stat().st_mtime_ns == written  # reused, not rewritten
+    assert "Measured 0 pair(s); reused 5" in caplog.text
     other = analyze_run(run, dataclasses.replace(args, alphas=4))  # other arguments: measured again
     assert other["settings"]["alphas"] == 4 and path.stat().st_mtime_ns > written
     written = path.stat().st_mtime_ns
     again = analyze_run(run, dataclasses.replace(args, alphas=4, reanalyze=True))
-    assert path.stat().st_mtime_ns > written and again["pairs"] == other["pairs"]
-    # a child trained again after the report: measured again
-    weights = run / "children" / "t4" / "c1" / "final" / "model.safetensors"
-    os.utime(weights, ns=(path.stat().st_mtime_ns + 1, path.stat().st_mtime_ns + 1))
-    written = path.stat().st_mtime_ns
-    analyze_run(run, dataclasses.replace(args, alphas=4))
-    assert path.stat().st_mtime_ns > written
+    assert again["pairs"] == other["pairs"]
+    # the missing child trains: only its pair is measured, the others are reused
+    tiny_trainer(run, StabilityArguments(spawn_steps=[0, 4], num_children=2, perturbation_scale=0.5,
+                                         divergence_every=4), max_steps=8, learning_rate=3e-3).butterfly()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="hf_stability.analysis.runner"):
+        last = analyze_run(run, dataclasses.replace(args, alphas=4))
+    assert "Measured 1 pair(s); reused 5" in caplog.text
+    assert len(last["pairs"]) == 6 and [p for p in last["pairs"] if p["b"] != "t4/c2"] == other["pairs"]
+    fresh = analyze_run(run, dataclasses.replace(args, alphas=4, reanalyze=True))
+    assert fresh["pairs"] == last["pairs"] and fresh["summary"] == last["summary"]
 
 
 def test_a_child_within_twice_the_floor_on_every_figure_is_indistinguishable_from_it():
@@ -307,10 +315,11 @@ def test_missing_or_corrupt_weights_give_a_clear_error(small_run, tmp_path):
     shutil.copytree(small_run, run)
     weights = run / "children" / "t4" / "c1" / "final" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(RunDirectoryError, match="truncated or corrupt"):
+    remedy = r"Delete .*children/t4/c1 and run the study again: it trains that child alone again"
+    with pytest.raises(RunDirectoryError, match=r"has 1000 bytes, \d+ were written: the file was truncated .*" + remedy):
         analyze_run(run, AnalyzeArguments(train_samples=0, cpu=True))
     weights.unlink()
-    with pytest.raises(RunDirectoryError, match="has no model.safetensors"):
+    with pytest.raises(RunDirectoryError, match=r"model\.safetensors is missing \(its run recorded it in .*" + remedy):
         analyze_run(run, AnalyzeArguments(train_samples=0, cpu=True))
     with pytest.raises(RunDirectoryError, match="not a run directory"):
         analyze_run(tmp_path / "nothing", AnalyzeArguments(cpu=True))
@@ -353,3 +362,31 @@ def test_measures_work_for_a_transformers_vit_on_fashion_mnist():
     assert same.layers == ["embeddings", "layer.0", "layer.1"] and same.cka[1:] == pytest.approx([1.0, 1.0], abs=1e-9)
     assert disagreement(a, a, data) == 0.0
     assert "vit.layers.0" in l2_distance(a, b, per_layer=True).per_layer
+
+
+def test_a_run_that_pads_with_a_tokenizer_it_did_not_save_in_final_is_analysed(tmp_path):
+    """The run keeps its padding collator's tokenizer in RUN/data/tokenizer, so the analyzer pads
+    without the tokenizer files of final/ (shared runs often lack them); a run with neither gets a
+    clear error."""
+    from transformers import DataCollatorWithPadding
+
+    from hf_stability import StabilityTrainer
+    from hf_stability.data import load_tokenizer
+    from hf_stability.data.text import load_tweet_sentiment
+
+    tokenizer = load_tokenizer()
+    texts = load_tweet_sentiment()["train"].select(range(48))
+    encoded = texts.map(lambda b: tokenizer(b["text"], truncation=True, max_length=24), batched=True,
+                        remove_columns=["text"])
+    out = tmp_path / "run"
+    StabilityTrainer(model_init=lambda: tiny_bert(0), args=training_args(out, max_steps=3), train_dataset=encoded,
+                     eval_dataset=encoded, data_collator=DataCollatorWithPadding(tokenizer),
+                     stability_args=StabilityArguments(spawn_steps=[0], num_children=1)).butterfly()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "manifest.json"):
+        (out / "parent" / "final" / name).unlink(missing_ok=True)  # as if saved without them (no manifest either)
+    report = analyze_run(out, AnalyzeArguments(train_samples=0, alphas=3, alignment="none", cpu=True))
+    assert report["settings"]["eval_samples"] == 48
+    shutil.rmtree(out / "data" / "tokenizer")  # a run of an earlier version
+    (out / "data" / "manifest.json").unlink()
+    with pytest.raises(RunDirectoryError, match=r"pads its batches, but .*final holds no tokenizer.*collate_fn="):
+        analyze_run(out, AnalyzeArguments(train_samples=0, alphas=3, alignment="none", cpu=True, reanalyze=True))

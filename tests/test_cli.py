@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from hf_stability.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,3 +73,27 @@ def test_recipe_config_parses_into_the_three_argument_dataclasses():
     task, stability, training = parser.parse_json_file(str(ROOT / "recipes" / "configs" / "minilm_tweets.json"))
     assert task.dataset == "tweets" and stability.spawn_steps == [0, 25, 100, 250]
     assert max(stability.spawn_steps) < training.max_steps
+
+
+@pytest.mark.parametrize("command, unknown", [(["analyze", "RUN", "--alphas", "3", "--frobnicate", "1"], "--frobnicate 1"),
+                                              (["push", "RUN", "--repo-id", "me/x", "--bogus"], "--bogus"),
+                                              (["train", "--output_dir", "RUN", "--frobnicate", "1"], "--frobnicate 1"),
+                                              (["demo", "--output_dir", "RUN", "--sizes", "small"], "--sizes small")])
+def test_an_unknown_flag_is_a_usage_error_not_a_traceback(tmp_path, capsys, command, unknown):
+    with pytest.raises(SystemExit) as stopped:
+        main([str(tmp_path / "run") if word == "RUN" else word for word in command])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"hf-stability {command[0]}: error: unrecognized arguments: {unknown}" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag, name, message", [
+    ("--dataset", "no_such_dataset_here", "Cannot load the dataset 'no_such_dataset_here': it is no local folder"),
+    ("--model_name_or_path", "/no/such/model", "Cannot load the tokenizer '/no/such/model': it is no local folder"),
+])
+def test_a_dataset_or_model_that_cannot_be_found_is_named_with_what_to_pass(tmp_path, capsys, flag, name, message):
+    assert main(["train", "--output_dir", str(tmp_path / "run"), flag, name, "--use_cpu", "true"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and ("'minilm'" in err or "tweets and drug_reviews work offline" in err)
+    assert "Traceback" not in err

@@ -110,7 +110,7 @@ def test_sweep_recipe_collects_every_scale_into_one_report(tmp_path):
     # the same command again only collects: every study and its analysis are reused; reanalyze measures again
     reports = {scale: root / path / "analysis" / "report.json" for scale, path in sweep["runs"].items()}
     written = {scale: path.stat().st_mtime_ns for scale, path in reports.items()}
-    assert "already holds this analysis" in _run(command)
+    assert "Measured 0 pair(s); reused 2 of the earlier report" in _run(command)
     assert {scale: path.stat().st_mtime_ns for scale, path in reports.items()} == written
     from hf_stability.recipe import RecipeAnalysisArguments, analyze_and_report
 

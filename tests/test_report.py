@@ -21,6 +21,7 @@ from hf_stability import StabilityArguments
 from hf_stability.analysis import AnalyzeArguments, analyze_run
 from hf_stability.errors import PushError, ReportError
 from hf_stability.report import load_report, push_report, spawn_findings, write_report
+from hf_stability.run_directory import LOCK_NAME
 
 TOKEN = "hf_testTOKEN_5f1d2c9a0b7e"
 
@@ -44,8 +45,9 @@ def _copy(run: Path, tmp_path: Path) -> Path:
 
 
 def _digests(folder: Path) -> dict[str, str]:
+    """Every file's sha256 but the run's lock file (which notes who holds the run)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK_NAME}
 
 
 def test_report_renders_every_plot_and_a_card_built_from_the_numbers(analysed_run):
@@ -162,7 +164,33 @@ def test_a_refusing_hub_gives_a_clear_error_and_leaves_the_report_untouched(anal
     assert result.returncode == 1
     assert f"HTTP {status}" in result.stderr and message in result.stderr and "Nothing local was changed" in result.stderr
     assert TOKEN not in result.stdout + result.stderr
-    assert _digests(run) == before and not list(run.glob(".hf-stability-push-*"))
+    assert _digests(run) == before and not list(run.glob(".push-*"))
+
+
+@pytest.mark.parametrize("planted", ["plots/divergence.png", "final/config.json", "plots/"])
+def test_push_uploads_no_link_planted_in_the_run_directory(analysed_run, tmp_path, monkeypatch, planted):
+    """A downloaded run may hold links: to the user's token file, or a folder elsewhere. Push
+    refuses them before any request instead of uploading their targets."""
+    run = _copy(analysed_run[0], tmp_path)
+    secret = tmp_path / "hf_home" / "token"
+    secret.parent.mkdir()
+    secret.write_text(TOKEN)
+    if planted == "plots/":  # a linked folder on the way to the figures
+        outside = tmp_path / "elsewhere"
+        shutil.move(run / "analysis" / "plots", outside)
+        (run / "analysis" / "plots").symlink_to(outside, target_is_directory=True)
+        message = r"plots/\w+\.png lies outside .* once links are followed"
+    else:
+        target = run / "analysis" / planted if planted.startswith("plots") else run / "parent" / planted
+        target.unlink()
+        target.symlink_to(secret)
+        message = rf"{target.name} is a symbolic link \(to {secret}\): push uploads only the regular files"
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with HubServer() as hub:
+        with pytest.raises(PushError, match=message):
+            push_report(run, "me/study", include_weights=True, endpoint=hub.url)
+    assert hub.requests == [] and hub.repos == {}
+    assert not list(run.glob(".push-*"))
 
 
 def test_invalid_repo_id_or_missing_token_is_refused_before_any_request(analysed_run, monkeypatch):
@@ -188,6 +216,11 @@ def test_bad_reports_give_errors_that_say_what_to_run(analysed_run, tmp_path):
     del broken["divergence"]
     path.write_text(json.dumps(broken))
     with pytest.raises(ReportError, match="lacks the field 'divergence'.*hf-stability analyze"):
+        write_report(run)
+    edited = json.loads(json.dumps(good))
+    edited["pairs"][1]["l2"]["l2"] = "far"
+    path.write_text(json.dumps(edited))
+    with pytest.raises(ReportError, match=r"the field 'pairs\.1\.l2\.l2' holds 'far', not a number.*--reanalyze"):
         write_report(run)
     del good["run"]["spawn_steps"]
     path.write_text(json.dumps(good))

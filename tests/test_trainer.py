@@ -21,7 +21,10 @@ from hf_stability import (
     StabilityArguments,
     StabilityTrainer,
 )
+from hf_stability.analysis import AnalyzeArguments, analyze_run
 from hf_stability.divergence import LOG_KEY
+from hf_stability.errors import RunInUseError
+from hf_stability.report import write_report
 from hf_stability.tasks import TextClassificationArguments, build_text_classification_trainer
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -121,9 +124,10 @@ def test_divergence_is_logged_every_n_steps_to_file_and_trainer_logs(tmp_path):
     assert logged[-1] == (12, pytest.approx(last["l2"], rel=1e-12))
 
 
-def _run_script(out, *kill):
+def _run_script(out, *kill, constant=False):
     return subprocess.run(
-        [sys.executable, str(SCRIPTS / "butterfly_run.py"), str(out), *map(str, kill)],
+        [sys.executable, str(SCRIPTS / "butterfly_run.py"), str(out), *(["--constant"] if constant else []),
+         *map(str, kill)],
         capture_output=True, text=True, timeout=600,
     )
 
@@ -134,47 +138,98 @@ def _all_finals(run):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted")
-    assert _run_script(out).returncode == 0
-    return out
+    """The uninterrupted study of butterfly_run.py, per schedule ("linear" or "constant"), made once."""
+    made = {}
+
+    def run(schedule: str) -> Path:
+        if schedule not in made:
+            out = tmp_path_factory.mktemp(f"uninterrupted-{schedule}")
+            finished = _run_script(out, constant=schedule == "constant")
+            assert finished.returncode == 0, finished.stderr[-3000:]
+            made[schedule] = out
+        return made[schedule]
+
+    return run
 
 
 KILL_POINTS = [
-    ("parent", 2), ("parent", 7),           # during the parent (before and after a spawn checkpoint)
-    ("children/t5/c0", "begin"),            # between children: t0's are complete, t5's not begun
-    ("children/t0/c2", 6), ("children/t5/c1", 9),  # during a child (with and without its own checkpoint)
-    ("analysis", 5),                        # during the analysis
-    ("report", "plots"),                    # during report writing: plots written, card not
+    ("linear", "parent", 2), ("linear", "parent", 7),     # during the parent (before and after a spawn checkpoint)
+    ("linear", "children/t5/c0", "begin"),              # between children: t0's are complete, t5's not begun
+    ("linear", "children/t0/c2", 6), ("linear", "children/t5/c1", 9),  # during a child (with, without its own checkpoint)
+    ("linear", "analysis", 5),                          # during the analysis
+    ("linear", "report", "plots"),                      # during report writing: plots written, card not
+    # After the last checkpoint (checkpoint-12) and before final/, with a learning rate that is not 0 at the end:
+    # a resumed run must not take a 13th step.
+    ("constant", "parent", "evaluate"),
+    ("constant", "children/t5/c2", "evaluate"),         # a child trained alone
+    ("constant", "children/t0/.stacked-0-1.tmp", "evaluate2"),  # a stacked group: one child finalised, the other not
 ]
 
 
-@pytest.mark.parametrize("kill", KILL_POINTS, ids=lambda k: f"{k[0]}@{k[1]}")
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", KILL_POINTS, ids=lambda k: f"{k[0]}-{k[1]}@{k[2]}")
 def test_killed_study_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted, kill):
-    killed = _run_script(tmp_path, *kill)
+    schedule, *point = kill
+    constant = schedule == "constant"
+    reference = uninterrupted(schedule)
+    killed = _run_script(tmp_path, *point, constant=constant)
     assert killed.returncode == -9, killed.stderr[-2000:]
     # nothing partial is taken as complete: no report before the analysis ends, no card before the report does
     assert not (tmp_path / "analysis" / "README.md").exists()
-    if kill[0] != "report":
+    if point[0] != "report":
         assert not (tmp_path / "analysis" / "report.json").exists()
     done_before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("children/*/*/final/model.safetensors")}
-    resumed = _run_script(tmp_path)
+    resumed = _run_script(tmp_path, constant=constant)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for final in _all_finals(tmp_path):
-        assert _equal(_weights(tmp_path / final), _weights(uninterrupted / final)), final
+        assert _equal(_weights(tmp_path / final), _weights(reference / final)), final
     for path, mtime in done_before.items():
         assert path.stat().st_mtime_ns == mtime, f"{path} was trained again"
     for name in ("divergence.jsonl", "perturbation.json"):
-        for t, k in ((0, 2), (5, 1)):
+        for t, k in ((0, 1), (0, 2), (5, 1), (5, 2)):
             a = (tmp_path / f"children/t{t}/c{k}" / name).read_text()
-            b = (uninterrupted / f"children/t{t}/c{k}" / name).read_text()
+            b = (reference / f"children/t{t}/c{k}" / name).read_text()
             assert a == b, name
     for name in ("report.json", "README.md"):
-        assert (tmp_path / "analysis" / name).read_text() == (uninterrupted / "analysis" / name).read_text(), name
+        assert (tmp_path / "analysis" / name).read_text() == (reference / "analysis" / name).read_text(), name
     plots = sorted(p.name for p in (tmp_path / "analysis" / "plots").iterdir())
-    assert plots == sorted(p.name for p in (uninterrupted / "analysis" / "plots").iterdir())
+    assert plots == sorted(p.name for p in (reference / "analysis" / "plots").iterdir())
+    # no step past the last: no checkpoint-13, and the parent's checkpoints are the uninterrupted run's
+    checkpoints = sorted(p.name for p in (tmp_path / "parent").glob("checkpoint-*"))
+    assert checkpoints == sorted(p.name for p in (reference / "parent").glob("checkpoint-*"))
+    assert not list(tmp_path.rglob("checkpoint-13"))
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name], "a temporary file was left behind"
 
 
+@pytest.mark.slow
+def test_a_second_process_on_a_run_directory_is_refused_naming_the_first(tmp_path, uninterrupted):
+    holder = subprocess.Popen([sys.executable, str(SCRIPTS / "butterfly_run.py"), str(tmp_path), "pause", "3"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "paused"  # the parent is training, the run is locked
+        before = sorted(str(p) for p in tmp_path.rglob("*"))
+        message = rf"in use by another hf_stability process \(pid {holder.pid}, `butterfly`.*wait for that one"
+        with pytest.raises(RunInUseError, match=message) as refused:
+            tiny_trainer(tmp_path, StabilityArguments(spawn_steps=[0, 5], num_children=2, divergence_every=4),
+                         max_steps=12, save_strategy="steps", save_steps=4).butterfly()
+        assert refused.value.pid == holder.pid
+        with pytest.raises(RunInUseError, match=message):
+            analyze_run(tmp_path, AnalyzeArguments(cpu=True))
+        with pytest.raises(RunInUseError, match=message):
+            write_report(tmp_path)
+        assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # the refused calls wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    # the lock went with its process (SIGKILL): the same study resumes and ends as if never stopped
+    resumed = _run_script(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = uninterrupted("linear")
+    for final in _all_finals(tmp_path):
+        assert _equal(_weights(tmp_path / final), _weights(reference / final)), final
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("limit", [2_000_000, 6_000_000], ids=["own-write", "trainer-checkpoint"])
 def test_a_full_disk_stops_the_study_clearly_and_it_resumes_after(tmp_path, uninterrupted, limit):
     """2 MB: hf_stability's own first write (the parent's initial weights, 4 MB) fails; 6 MB: the
@@ -188,9 +243,10 @@ def test_a_full_disk_stops_the_study_clearly_and_it_resumes_after(tmp_path, unin
     # nothing partial counts as complete: space back, the same command finishes as if never stopped
     resumed = _run_script(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = uninterrupted("linear")
     for final in _all_finals(tmp_path):
-        assert _equal(_weights(tmp_path / final), _weights(uninterrupted / final)), final
-    assert (tmp_path / "analysis" / "report.json").read_text() == (uninterrupted / "analysis" / "report.json").read_text()
+        assert _equal(_weights(tmp_path / final), _weights(reference / final)), final
+    assert (tmp_path / "analysis" / "report.json").read_text() == (reference / "analysis" / "report.json").read_text()
 
 
 def test_run_of_another_configuration_is_refused_unless_overwrite(tmp_path):

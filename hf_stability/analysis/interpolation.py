@@ -11,10 +11,11 @@ from .compare import check_same_architecture, floating_state
 
 
 class Interpolator:
-    """Holds the endpoints once and writes theta(alpha) into one model buffer, in place.
+    """Writes theta(alpha) into one model buffer, in place, reading the endpoints' own tensors.
 
     Every floating tensor is interpolated, buffers included (BatchNorm statistics...); integer
-    buffers are taken from ``a``. Moving along the path never reloads anything from disk.
+    buffers are taken from ``a``. Moving along the path never reloads anything from disk, and
+    the only memory it takes is the buffer: ``a`` and ``b`` must not change while it is used.
     """
 
     def __init__(self, a: nn.Module, b: nn.Module):
@@ -22,10 +23,11 @@ class Interpolator:
         self.model = copy.deepcopy(a)
         self.model.eval()
         target = floating_state(self.model, buffers=True)
-        source_b = floating_state(b, buffers=True)
+        source_a, source_b = floating_state(a, buffers=True), floating_state(b, buffers=True)
         self._targets = list(target.values())
-        self._a = [t.detach().clone() for t in target.values()]
-        self._b = [source_b[n].detach().to(t.device, t.dtype).clone() for n, t in target.items()]
+        # (.to() is the tensor itself when device and dtype already match: no copy)
+        self._a = [source_a[n].detach().to(t.device, t.dtype) for n, t in target.items()]
+        self._b = [source_b[n].detach().to(t.device, t.dtype) for n, t in target.items()]
 
     @torch.no_grad()
     def set_alpha(self, alpha: float) -> nn.Module:

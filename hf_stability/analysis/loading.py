@@ -1,4 +1,10 @@
-"""Read what the analyzer needs from a run directory: final models and the saved data."""
+"""Read what the analyzer needs from a run directory: final models and the saved data.
+
+A run directory may come from anywhere (downloaded from the Hub, shared by a colleague), so
+nothing in it is executed: models load with ``trust_remote_code=False`` through a concrete
+transformers class (never an Auto class, never code shipped beside the weights), weights from
+safetensors only.
+"""
 
 from __future__ import annotations
 
@@ -12,29 +18,62 @@ from ..errors import AnalysisDataError, RunDirectoryError
 from ..run_directory import RunDirectory
 
 
-def load_final_model(final_dir: str | Path) -> nn.Module:
-    """A run's ``final/`` model through ``from_pretrained`` (its class from config.json), weights
-    from safetensors only."""
+def model_class_of(final_dir: str | Path) -> type:
+    """The concrete ``transformers`` model class named in ``final_dir/config.json``.
+
+    Raises:
+        RunDirectoryError: config.json is missing or unreadable, or names no concrete
+            transformers class (an Auto class, a class of custom code, nothing).
+    """
     import transformers
+    from transformers import PreTrainedModel
+
+    config_file = Path(final_dir) / "config.json"
+    if not config_file.is_file():
+        raise RunDirectoryError(
+            f"{final_dir} has no config.json, so its model cannot be rebuilt with from_pretrained. A model saved "
+            "without one is not a transformers PreTrainedModel; analyse it with the Python API "
+            "(hf_stability.analysis.analyze_run(..., model_class=YourModelClass))."
+        )
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunDirectoryError(f"{config_file} is not valid JSON ({err}): the file is damaged.") from None
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    name = architectures[0] if isinstance(architectures, list) and architectures else None
+    found = getattr(transformers, name, None) if isinstance(name, str) else None
+    concrete = isinstance(found, type) and issubclass(found, PreTrainedModel) and not found.__name__.startswith("Auto")
+    if not concrete:
+        custom = " and an auto_map (model code shipped beside the weights)" if config.get("auto_map") else ""
+        raise RunDirectoryError(
+            f"{config_file} names the architecture {name!r}{custom}, which is no concrete transformers model class. "
+            "hf_stability never runs code found in a run directory. If this is your own model class, pass it: "
+            "hf_stability.analysis.analyze_run(..., model_class=YourModelClass)."
+        )
+    return found
+
+
+def load_final_model(final_dir: str | Path, model_class: type | None = None) -> nn.Module:
+    """A run's ``final/`` model through ``from_pretrained`` of ``model_class`` (default: the
+    concrete transformers class its config.json names), with ``trust_remote_code=False`` and
+    weights from safetensors only.
+
+    Raises:
+        RunDirectoryError: the folder lacks its files, names no loadable class, or its weights
+            are truncated or corrupt.
+    """
     from safetensors import SafetensorError
 
     final_dir = Path(final_dir)
-    config_file, weights = final_dir / "config.json", final_dir / "model.safetensors"
-    if not config_file.is_file() or not weights.is_file():
-        missing = "config.json" if not config_file.is_file() else "model.safetensors"
+    weights = final_dir / "model.safetensors"
+    model_class = model_class or model_class_of(final_dir)
+    if not weights.is_file():
         raise RunDirectoryError(
-            f"{final_dir} has no {missing}. The run is incomplete: delete that final/ folder and re-run the study "
-            "to train it again."
+            f"{final_dir} has no model.safetensors. The run is incomplete: delete that final/ folder and re-run the "
+            "study to train it again."
         )
     try:
-        architectures = json.loads(config_file.read_text(encoding="utf-8")).get("architectures") or []
-    except json.JSONDecodeError as err:
-        raise RunDirectoryError(f"{config_file} is not valid JSON ({err}).") from None
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    if model_class is None:
-        raise RunDirectoryError(f"{config_file} names no transformers architecture ({architectures}).")
-    try:
-        return model_class.from_pretrained(str(final_dir), use_safetensors=True)
+        return model_class.from_pretrained(str(final_dir), use_safetensors=True, trust_remote_code=False)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise RunDirectoryError(
             f"Cannot load {weights}: the file is truncated or corrupt ({type(err).__name__}: {str(err)[:200]}). "
@@ -44,7 +83,7 @@ def load_final_model(final_dir: str | Path) -> nn.Module:
 
 def load_run_data(run: RunDirectory, split: str) -> Any:
     """The model inputs the study saved for the analyzer (``RUN/data/<split>``)."""
-    from datasets import load_from_disk
+    from ..run_files import load_saved_dataset
 
     path = run.data_dir / split
     if not path.is_dir():
@@ -52,15 +91,31 @@ def load_run_data(run: RunDirectory, split: str) -> Any:
             f"{path} is missing: this run saved no {split} data (no eval_dataset, or not a datasets.Dataset). "
             "Pass the data to hf_stability.analysis.analyze_run(..., eval_data=..., train_data=...) instead."
         )
-    return load_from_disk(str(path))
+    return load_saved_dataset(path, run.data_remedy())
 
 
 def run_collator(run: RunDirectory) -> Any:
-    """The collator the study used: padding with the saved tokenizer, or transformers' default."""
+    """The collator the study used: padding with the tokenizer it saved (RUN/data/tokenizer, or
+    for runs of earlier versions the parent's final/), or transformers' default."""
     from transformers import AutoTokenizer, DataCollatorWithPadding, default_data_collator
 
+    from ..run_files import read_json
+
     info = run.data_dir / "collator.json"
-    kind = json.loads(info.read_text(encoding="utf-8"))["collator"] if info.is_file() else "default"
-    if kind == "padding":
-        return DataCollatorWithPadding(AutoTokenizer.from_pretrained(str(run.parent_final)))
-    return default_data_collator
+    kind = read_json(info, run.data_remedy()).get("collator") if info.is_file() else "default"
+    if kind != "padding":
+        return default_data_collator
+    folder = run.data_dir / "tokenizer" if (run.data_dir / "tokenizer").is_dir() else run.parent_final
+    problem = None
+    # (from a folder with a config.json alone, AutoTokenizer builds a tokenizer with an empty vocabulary)
+    if not any((folder / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json")):
+        problem = "no tokenizer_config.json or tokenizer.json"
+    else:
+        try:
+            return DataCollatorWithPadding(AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False))
+        except (OSError, ValueError) as err:
+            problem = str(err).splitlines()[0][:200]
+    raise RunDirectoryError(
+        f"The run pads its batches, but {folder} holds no tokenizer to pad with ({problem}). Pass the collator "
+        "yourself: hf_stability.analysis.analyze_run(..., collate_fn=DataCollatorWithPadding(your_tokenizer))."
+    )

@@ -7,7 +7,6 @@ only the main process writes). The report's schema is documented in docs/report_
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import statistics
@@ -18,20 +17,22 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..atomic_io import read_jsonl, write_json
-from ..errors import AnalysisDataError
+from ..atomic_io import write_json
+from ..errors import AnalysisDataError, RunDirectoryError
 from ..run_directory import RunDirectory
+from ..run_files import read_json
 from .alignment import activation_matching, apply_permutation, permutation_spec, weight_matching
 from .barrier import barriers
 from .distance import l2_distance
 from .evaluation import EvalData, EvalSums, Evaluator
+from .inputs import ChildInputs, RunInputs
 from .loading import load_final_model, load_run_data, run_collator
 from .noise_floor import compare_with_floor
 from .representations import POOLINGS, compare_representations
 
 logger = logging.getLogger(__name__)
 
-REPORT_SCHEMA_VERSION = 3
+REPORT_SCHEMA_VERSION = 4
 PAIRS = ("parent-child", "child-child", "all")
 ALIGNMENTS = ("weight", "activation", "none")
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -108,32 +109,18 @@ def _scalars(pair: dict[str, Any]) -> dict[str, float | None]:
     return out
 
 
-def _perturbation_l2(run: RunDirectory, spawn_step: int, child: int) -> float:
-    """L2 norm of the change a child's perturbation made (0 for the control and for kinds that
-    change no weight)."""
-    path = run.child_dir(spawn_step, child) / "perturbation.json"
-    record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    return float(record.get("change_l2") or 0.0)
-
-
-def _existing_report(run: RunDirectory, children: list[tuple[int, int]], inputs: dict[str, Any]) -> dict[str, Any] | None:
-    """The run's report.json when it was made from the same run, ``children`` ((spawn step, child)
-    pairs) and arguments (and this schema), after every final model was written; None otherwise.
-    The file is written atomically, so a report that exists is whole."""
+def _earlier_report(run: RunDirectory) -> dict[str, Any]:
+    """The run's report.json of this schema, whose pairs may be reused ({} when there is none, or
+    when it cannot be read: it is then measured anew)."""
     path = run.analysis_dir / "report.json"
     if not path.is_file():
-        return None
-    finals = [run.parent_final] + [run.child_final(t, k) for t, k in children]
-    weights = [f for final in finals if final.is_dir() for f in final.glob("*.safetensors")]
-    if any(f.stat().st_mtime_ns > path.stat().st_mtime_ns for f in weights):
-        return None  # a model was trained again since
+        return {}
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if report.get("schema_version") != REPORT_SCHEMA_VERSION or report.get("inputs") != inputs:
-        return None
-    return report
+        report = read_json(path, "")
+    except RunDirectoryError:
+        logger.warning("%s cannot be read: every pair is measured again.", path)
+        return {}
+    return report if report.get("schema_version") == REPORT_SCHEMA_VERSION else {}
 
 
 def _first(dataset: Any, n: int) -> Any:
@@ -158,81 +145,137 @@ def analyze_run(
     eval_data: Any = None,
     train_data: Any = None,
     collate_fn: Any = None,
+    model_class: type | None = None,
 ) -> dict[str, Any]:
     """Measure every finished child of ``run_dir`` against its parent (and/or its siblings) and
-    write ``analysis/report.json`` (main process). Returns the report."""
-    args = args or AnalyzeArguments()
-    run = RunDirectory(run_dir)
-    config = run.load_config()
-    status = {(t, k): run.child_status(t, k) for t in config["spawn_steps"] for k in config["children"]}
-    inputs = {
-        "arguments": {k: v for k, v in asdict(args).items() if k != "reanalyze"},
-        "fingerprint": config.get("fingerprint"),
-        "children": {f"t{t}/c{k}": state for (t, k), state in status.items()},
-    }
-    if not args.reanalyze and eval_data is None and train_data is None and collate_fn is None:
-        done = _existing_report(run, list(status), inputs)
-        if done is not None:
-            logger.info("%s already holds this analysis (same run, children and arguments): reused; pass "
-                        "--reanalyze to measure again.", run.analysis_dir / "report.json")
-            return done
-    evaluator = Evaluator(accelerator=accelerator, device="cpu" if args.cpu else None, autocast_dtype=AUTOCAST[args.autocast])
-    collate = collate_fn or run_collator(run)
-    eval_dataset = eval_data if eval_data is not None else load_run_data(run, args.eval_split)
-    if args.eval_samples is not None:
-        eval_dataset = _first(eval_dataset, args.eval_samples)
-    splits = {"eval": EvalData(eval_dataset, batch_size=args.batch_size, collate_fn=collate, name="eval")}
-    if args.train_samples > 0:
-        train_dataset = train_data if train_data is not None else load_run_data(run, "train")
-        train_dataset = _first(train_dataset, args.train_samples)
-        splits["train"] = EvalData(train_dataset, batch_size=args.batch_size, collate_fn=collate, name="train")
+    write ``analysis/report.json`` (main process). Returns the report. ``eval_data``,
+    ``train_data`` and ``collate_fn`` replace what the run saved; ``model_class`` is the class
+    its final/ models load with (default: the concrete transformers class config.json names).
 
-    parent = load_final_model(run.parent_final)
-    spec = permutation_spec(parent) if args.alignment != "none" else None  # unsupported: stop before any work
-    alignment_data = None
-    if args.alignment == "activation":
-        source = splits.get("train", splits["eval"])
-        alignment_data = EvalData(_first(source.dataset, args.alignment_samples), batch_size=args.batch_size,
-                                  collate_fn=collate, name=f"alignment ({source.name})")
-    cache: dict[tuple[str, str], EvalSums] = {}
+    Every file read is first checked against the checksums its run recorded. A pair of an
+    earlier report is reused when its inputs (the checksums of both models, their records and
+    the data, the arguments) are unchanged; the others are measured. Models are loaded one child
+    at a time: at most the parent, one child (two for child-child pairs) and the interpolation
+    buffer are in memory.
 
-    def sums_of(name: str, model: torch.nn.Module, split: str) -> EvalSums:
-        if (name, split) not in cache:
-            cache[(name, split)] = evaluator.evaluate(model, splits[split])
-        return cache[(name, split)]
+    Raises:
+        RunInUseError: another process is writing the run directory.
+        RunDirectoryError: the run directory is missing, damaged or of another format.
+        AnalysisDataError: the saved data cannot be evaluated.
+    """
+    from ..run_lock import locked_run_on_main
 
-    def measure(name_a: str, a: torch.nn.Module, name_b: str, b: torch.nn.Module) -> dict[str, Any]:
+    with locked_run_on_main(run_dir, "analyze", accelerator):
+        return _Analysis(run_dir, args or AnalyzeArguments(), accelerator, eval_data, train_data, collate_fn,
+                         model_class).analyze()
+
+
+class _Analysis:
+    """One analysis of a run directory (analyze_run's state: the loaded models, the sums cache)."""
+
+    def __init__(self, run_dir, args, accelerator, eval_data, train_data, collate_fn, model_class):
+        self.run = RunDirectory(run_dir)
+        self.args, self.accelerator, self.model_class = args, accelerator, model_class
+        self.given = {"eval_data": eval_data, "train_data": train_data, "collate_fn": collate_fn}
+        given = any(v is not None for v in self.given.values()) or model_class is not None
+        self.inputs = RunInputs.read(self.run, verify_data=eval_data is None or train_data is None)
+        self.config = self.inputs.config
+        # what every measure depends on besides the models: the arguments (and data that was passed in,
+        # which is never reused: it has no checksum)
+        self.arguments = {k: v for k, v in asdict(args).items() if k != "reanalyze"}
+        self.reusable = not args.reanalyze and not given
+        self.earlier = _earlier_report(self.run) if self.reusable else {}
+        self.earlier_pairs = {(p.get("kind"), p.get("a"), p.get("b"), p.get("inputs")): p
+                              for p in self.earlier.get("pairs", []) if isinstance(p, dict)}
+        self.stability = self.config["stability_arguments"]
+        self.control = 0 if self.stability.get("control_child") else None
+        self._ready = False
+        self._models: dict[str, torch.nn.Module] = {}
+        self._sums: dict[tuple[str, str], EvalSums] = {}
+
+    # ---- data and models (loaded only when a pair must be measured) ---------------------------
+    def _prepare(self) -> None:
+        if self._ready:
+            return
+        args, run = self.args, self.run
+        self.evaluator = Evaluator(accelerator=self.accelerator, device="cpu" if args.cpu else None,
+                                   autocast_dtype=AUTOCAST[args.autocast])
+        collate = self.given["collate_fn"] or run_collator(run)
+        eval_dataset = self.given["eval_data"] if self.given["eval_data"] is not None else load_run_data(run, args.eval_split)
+        if args.eval_samples is not None:
+            eval_dataset = _first(eval_dataset, args.eval_samples)
+        self.splits = {"eval": EvalData(eval_dataset, batch_size=args.batch_size, collate_fn=collate, name="eval")}
+        if args.train_samples > 0:
+            train = self.given["train_data"] if self.given["train_data"] is not None else load_run_data(run, "train")
+            self.splits["train"] = EvalData(_first(train, args.train_samples), batch_size=args.batch_size,
+                                            collate_fn=collate, name="train")
+        parent = self.model("parent")
+        self.spec = permutation_spec(parent) if args.alignment != "none" else None  # unsupported: stop now
+        self.alignment_data = None
+        if args.alignment == "activation":
+            source = self.splits.get("train", self.splits["eval"])
+            self.alignment_data = EvalData(_first(source.dataset, args.alignment_samples), batch_size=args.batch_size,
+                                           collate_fn=collate, name=f"alignment ({source.name})")
+        self._ready = True
+
+    def model(self, name: str) -> torch.nn.Module:
+        if name not in self._models:
+            if name == "parent":
+                final = self.run.parent_final
+            else:
+                t, k = (int(part[1:]) for part in name.split("/"))
+                final = self.run.child_final(t, k)
+            self._models[name] = load_final_model(final, self.model_class)
+        return self._models[name]
+
+    def keep_only(self, *names: str) -> None:
+        """Free every loaded child but ``names`` (the parent stays)."""
+        for name in [n for n in self._models if n != "parent" and n not in names]:
+            del self._models[name]
+
+    def sums(self, name: str, split: str) -> EvalSums:
+        if (name, split) not in self._sums:
+            self._sums[(name, split)] = self.evaluator.evaluate(self.model(name), self.splits[split])
+        return self._sums[(name, split)]
+
+    # ---- measures ----------------------------------------------------------------------------
+    def measure(self, name_a: str, name_b: str) -> dict[str, Any]:
+        args, splits = self.args, self.splits
+        a, b = self.model(name_a), self.model(name_b)
         result: dict[str, Any] = {"a": name_a, "b": name_b}
         distance = l2_distance(a, b, per_layer=True)
         result["l2"] = {"l2": distance.l2, "relative": distance.relative, "per_layer": distance.per_layer}
         result["barriers"] = {}
         for split, data in splits.items():
-            found = barriers(
-                a, b, data, ("loss", "error"), args.alphas, evaluator,
-                endpoints=(sums_of(name_a, a, split), sums_of(name_b, b, split)),
-            )
+            found = barriers(a, b, data, ("loss", "error"), args.alphas, self.evaluator,
+                             endpoints=(self.sums(name_a, split), self.sums(name_b, split)))
             result["barriers"][split] = {metric: r.to_dict() for metric, r in found.items()}
-        representation = compare_representations(a, b, splits["eval"], args.pooling, evaluator)
+        representation = compare_representations(a, b, splits["eval"], args.pooling, self.evaluator)
         values = [v if math.isfinite(v) else None for v in representation.cka]  # None: undefined (no variance)
         result["cka"] = {"pooling": args.pooling, "layers": representation.layers, "values": values}
         result["disagreement"] = representation.disagreement
-        result["aligned"] = align(name_a, a, name_b, b) if spec is not None else None
+        result["aligned"] = self.align(name_a, a, name_b, b) if self.spec is not None else None
         return result
 
-    def align(name_a: str, a: torch.nn.Module, name_b: str, b: torch.nn.Module) -> dict[str, Any]:
+    def align(self, name_a: str, a: torch.nn.Module, name_b: str, b: torch.nn.Module) -> dict[str, Any]:
         """L2 and barriers after permuting b's hidden units to match a. The aligned b computes b's
-        function, so b's own sums serve as the far endpoint."""
+        function, so b's own sums serve as the far endpoint. b is permuted in place (no second copy
+        in memory) and dropped afterwards."""
+        args, evaluator = self.args, self.evaluator
         if args.alignment == "weight":
-            match = weight_matching(a, b, spec, seed=args.alignment_seed, device=evaluator.device)
+            match = weight_matching(a, b, self.spec, seed=args.alignment_seed, device=evaluator.device)
         else:
-            match = activation_matching(a, b, spec, alignment_data, evaluator=evaluator)
+            match = activation_matching(a, b, self.spec, self.alignment_data, evaluator=evaluator)
         match.permutation = _from_main_process(match.permutation, evaluator)
-        aligned_b = apply_permutation(b, match.permutation, spec)
+        for split in self.splits:
+            self.sums(name_b, split)  # b's own endpoint sums, before its weights are permuted
+        aligned_b = apply_permutation(b, match.permutation, self.spec, in_place=True)
+        self._models.pop(name_b)  # its weights are now permuted: reloaded if needed again
         distance = l2_distance(a, aligned_b, per_layer=True)
         found = {
             split: barriers(a, aligned_b, data, ("loss", "error"), args.alphas, evaluator,
-                            endpoints=(sums_of(name_a, a, split), sums_of(name_b, b, split)))
-            for split, data in splits.items()
+                            endpoints=(self.sums(name_a, split), self.sums(name_b, split)))
+            for split, data in self.splits.items()
         }
         return {
             **match.to_dict(),
@@ -240,116 +283,167 @@ def analyze_run(
             "barriers": {split: {m: r.to_dict() for m, r in results.items()} for split, results in found.items()},
         }
 
-    stability = config["stability_arguments"]
-    control = 0 if stability.get("control_child") else None
-    perturbation_l2s = {(t, k): _perturbation_l2(run, t, k) for t, k in status}
-    pairs: list[dict[str, Any]] = []
-    diverged: list[dict[str, Any]] = []
-    for t in config["spawn_steps"]:
-        children: dict[int, torch.nn.Module] = {}
-        for k in config["children"]:
-            if status[t, k] == "diverged":
-                info = json.loads((run.child_dir(t, k) / "diverged.json").read_text(encoding="utf-8"))
-                diverged.append({"spawn_step": t, "child": k, **info})
-            elif status[t, k] == "done":
-                children[k] = load_final_model(run.child_final(t, k))
-            else:
-                logger.warning("Child %d of spawn step %d has not finished; it is left out.", k, t)
-        jobs: list[tuple[str, int | None, int]] = []
-        if args.pairs in ("parent-child", "all"):
-            jobs += [("parent-child", None, k) for k in children]
-        if args.pairs in ("child-child", "all"):
-            perturbed = [k for k in children if k != control]
-            jobs += [("child-child", i, j) for i, j in itertools.combinations(perturbed, 2)]
-        for kind, i, j in jobs:
-            name_a = "parent" if i is None else f"t{t}/c{i}"
-            model_a = parent if i is None else children[i]
-            pair = measure(name_a, model_a, f"t{t}/c{j}", children[j])
-            perturbation_l2 = perturbation_l2s[t, j]
-            pair.update(
-                spawn_step=t,
-                kind=kind,
-                child=j,
-                is_control=(j == control) and kind == "parent-child",
-                noise_floor=None,  # filled below for perturbed parent-child pairs
-                perturbation_l2=perturbation_l2,
-                amplification=pair["l2"]["l2"] / perturbation_l2 if kind == "parent-child" and perturbation_l2 > 0 else None,
-            )
-            pairs.append(pair)
+    def cross_check(self, child: ChildInputs, pair: dict[str, Any]) -> None:
+        """The final L2 the child measured during training must be the one measured now: a mismatch
+        means the weights on disk are not the ones that were trained."""
+        trained = child.trained_l2(self.config["max_steps"])
+        measured = pair["l2"]["l2"]
+        if trained is None or math.isclose(trained, measured, rel_tol=1e-6, abs_tol=1e-9):
+            return
+        raise RunDirectoryError(
+            f"{self.run.child_dir(child.spawn_step, child.child)}: the analyzer measures an L2 of {measured:.6g} "
+            f"between this child's and the parent's final weights, and the child measured {trained:.6g} at the "
+            f"same step during training: the weights on disk are not the ones that were trained (one of the two "
+            f"final/ folders was damaged or replaced). {self.run.child_remedy(child.spawn_step, child.child)} "
+            f"If every child disagrees, it is the parent: {self.run.parent_remedy()}"
+        )
 
-    divergence = []
-    for t in config["spawn_steps"]:
-        for k in config["children"]:
-            records = read_jsonl(run.child_dir(t, k) / "divergence.jsonl")
-            divergence.append({"spawn_step": t, "child": k, "is_control": k == control,
-                               "perturbation_l2": perturbation_l2s[t, k],
-                               "steps": [r["step"] for r in records], "l2": [r["l2"] for r in records]})
+    # ---- the whole analysis ------------------------------------------------------------------
+    def jobs(self, t: int) -> list[tuple[str, str, str, ChildInputs]]:
+        """(kind, a, b, child of b) of spawn step t, in the order they are measured."""
+        done = [c for (s, _), c in self.inputs.children.items() if s == t and c.status == "done"]
+        for c in self.inputs.children.values():
+            if c.spawn_step == t and c.status == "pending":
+                logger.warning("Child %d of spawn step %d has not finished; it is left out.", c.child, t)
+        jobs = []
+        if self.args.pairs in ("parent-child", "all"):
+            jobs += [("parent-child", "parent", c.name, c) for c in done]
+        if self.args.pairs in ("child-child", "all"):
+            perturbed = [c for c in done if c.child != self.control]
+            jobs += [("child-child", i.name, j.name, j) for i, j in itertools.combinations(perturbed, 2)]
+        return jobs
 
-    summary = []
-    for t in config["spawn_steps"]:
-        mine = [p for p in pairs if p["spawn_step"] == t and p["kind"] == "parent-child"]
-        controls = [_scalars(p) for p in mine if p["is_control"]]
-        floor = controls[0] if controls else None
-        perturbed = []
-        for pair in mine:
-            if not pair["is_control"]:
-                perturbed.append(_scalars(pair))
-                pair["noise_floor"] = compare_with_floor(perturbed[-1], floor)
-        at_floor = [pair["noise_floor"]["indistinguishable"] for pair in mine if pair["noise_floor"] is not None]
-        keys = list(perturbed[0]) if perturbed else []
-        summary.append(
-            {
+    def analyze(self) -> dict[str, Any]:
+        run, config = self.run, self.config
+        run.own_folder(run.analysis_dir)  # a write that cannot happen fails now, not after the whole analysis
+        pairs: list[dict[str, Any]] = []
+        measured = 0
+        for t in config["spawn_steps"]:
+            for kind, name_a, name_b, child in self.jobs(t):
+                key = self.inputs.pair_fingerprint(self.arguments, name_a, name_b)
+                pair = self.earlier_pairs.get((kind, name_a, name_b, key))
+                if pair is None:
+                    self._prepare()
+                    self.keep_only(name_a, name_b)
+                    pair = self.measure(name_a, name_b)
+                    measured += 1
+                    pair.update(
+                        inputs=key,
+                        spawn_step=t,
+                        kind=kind,
+                        child=child.child,
+                        is_control=(child.child == self.control) and kind == "parent-child",
+                        noise_floor=None,  # filled below for perturbed parent-child pairs
+                        perturbation_l2=child.perturbation_l2,
+                        amplification=(pair["l2"]["l2"] / child.perturbation_l2
+                                       if kind == "parent-child" and child.perturbation_l2 > 0 else None),
+                    )
+                if kind == "parent-child":
+                    self.cross_check(child, pair)
+                pairs.append(pair)
+        self.keep_only()
+        report = self.report(pairs)
+        logger.info("Measured %d pair(s); reused %d of the earlier report, whose inputs are unchanged.", measured,
+                    len(pairs) - measured)
+        main = self.accelerator is None or self.accelerator.is_main_process
+        if main:
+            run.remove_temporaries()  # a killed analysis's leftovers (the lock is ours)
+            if report != self.earlier or self.args.reanalyze:  # an unchanged report is not rewritten
+                write_json(run.analysis_dir / "report.json", report)
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+        return report
+
+    def parent_section(self) -> dict[str, Any]:
+        key = self.inputs.parent_fingerprint(self.arguments)
+        earlier = self.earlier.get("parent")
+        if isinstance(earlier, dict) and self.earlier.get("inputs", {}).get("parent") == key:
+            return earlier
+        self._prepare()
+        return {split: {"loss": self.sums("parent", split).loss, "error": self.sums("parent", split).error}
+                for split in self.splits}
+
+    def report(self, pairs: list[dict[str, Any]]) -> dict[str, Any]:
+        config, inputs = self.config, self.inputs
+        for pair in pairs:
+            pair["noise_floor"] = None
+        summary = []
+        for t in config["spawn_steps"]:
+            mine = [p for p in pairs if p["spawn_step"] == t and p["kind"] == "parent-child"]
+            controls = [_scalars(p) for p in mine if p["is_control"]]
+            floor = controls[0] if controls else None
+            perturbed = []
+            for pair in mine:
+                if not pair["is_control"]:
+                    perturbed.append(_scalars(pair))
+                    pair["noise_floor"] = compare_with_floor(perturbed[-1], floor)
+            at_floor = [pair["noise_floor"]["indistinguishable"] for pair in mine if pair["noise_floor"] is not None]
+            keys = list(perturbed[0]) if perturbed else []
+            summary.append({
                 "spawn_step": t,
                 "num_children": len(perturbed),
                 "control": floor,
                 "children": {key: _mean_std([row[key] for row in perturbed]) for key in keys},
                 "indistinguishable_from_floor": None if floor is None else sum(at_floor),
-            }
-        )
+            })
+        divergence = [
+            {"spawn_step": c.spawn_step, "child": c.child, "is_control": c.child == self.control,
+             "perturbation_l2": c.perturbation_l2, "steps": [r["step"] for r in c.divergence],
+             "l2": [r["l2"] for r in c.divergence]}
+            for c in inputs.children.values()
+        ]
+        diverged = [{"spawn_step": c.spawn_step, "child": c.child, **c.diverged}
+                    for c in inputs.children.values() if c.diverged is not None]
+        parent = self.parent_section()
+        settings = self.settings()
+        model_class = config.get("identity", {}).get("model", {}).get("class")
+        return {
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "generated_by": f"hf_stability {__version__}",
+            "inputs": {"arguments": self.arguments, "fingerprint": config["fingerprint"],
+                       "parent": inputs.parent_fingerprint(self.arguments),
+                       "children": {c.name: c.status for c in inputs.children.values()}},
+            "run": {
+                "fingerprint": config["fingerprint"],
+                "max_steps": config["max_steps"],
+                "spawn_steps": config["spawn_steps"],
+                "children": config["children"],
+                "control_child": self.control,
+                "perturbations": config["perturbations"],
+                "model": model_class,
+                "task": "image-classification" if "Image" in (model_class or "") else "text-classification",
+                "base_model": self.stability.get("base_model"),
+                "dataset_name": self.stability.get("dataset_name"),
+            },
+            "settings": settings,
+            "parent": parent,
+            "pairs": pairs,
+            "diverged": diverged,
+            "divergence": divergence,
+            "summary": summary,
+        }
 
-    model_class = config.get("identity", {}).get("model", {}).get("class")
-    report = {
-        "schema_version": REPORT_SCHEMA_VERSION,
-        "generated_by": f"hf_stability {__version__}",
-        "inputs": inputs,
-        "run": {
-            "fingerprint": config.get("fingerprint"),
-            "max_steps": config["max_steps"],
-            "spawn_steps": config["spawn_steps"],
-            "children": config["children"],
-            "control_child": control,
-            "perturbations": config["perturbations"],
-            "model": model_class,
-            "task": "image-classification" if "Image" in (model_class or "") else "text-classification",
-            "base_model": stability.get("base_model"),
-            "dataset_name": stability.get("dataset_name"),
-        },
-        "settings": {
+    def settings(self) -> dict[str, Any]:
+        processes = self.accelerator.num_processes if self.accelerator is not None else 1
+        earlier = self.earlier.get("settings")
+        if not self._ready and isinstance(earlier, dict):  # nothing measured: every pair was reused
+            return {**earlier, "num_processes": processes}
+        self._prepare()
+        args, splits = self.args, self.splits
+        return {
             "alphas": args.alphas,
             "train_samples": len(splits["train"]) if "train" in splits else 0,
-            "eval_split": args.eval_split if eval_data is None else "given",
+            "eval_split": args.eval_split if self.given["eval_data"] is None else "given",
             "eval_samples": len(splits["eval"]),
             "pairs": args.pairs,
             "pooling": args.pooling,
             "batch_size": args.batch_size,
             "autocast": args.autocast,
-            "num_processes": evaluator.num_processes,
+            "num_processes": processes,
             "alignment": {
                 "method": args.alignment,
                 "seed": args.alignment_seed if args.alignment == "weight" else None,
-                "samples": len(alignment_data) if alignment_data is not None else None,
-                "architecture": spec.architecture if spec is not None else None,
+                "samples": len(self.alignment_data) if self.alignment_data is not None else None,
+                "architecture": self.spec.architecture if self.spec is not None else None,
             },
-        },
-        "parent": {split: {"loss": sums_of("parent", parent, split).loss, "error": sums_of("parent", parent, split).error}
-                   for split in splits},
-        "pairs": pairs,
-        "diverged": diverged,
-        "divergence": divergence,
-        "summary": summary,
-    }
-    if evaluator.is_main_process:
-        write_json(run.analysis_dir / "report.json", report)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    return report
+        }

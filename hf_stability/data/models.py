@@ -25,7 +25,10 @@ def resolve_model(name_or_path: str | None) -> str:
 
 
 def load_tokenizer(name_or_path: str | None = None) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+    """The tokenizer of ``name_or_path`` (see resolve_model); a clear MissingDataError when it has none."""
+    from .hub import load_named
+
+    return load_named(AutoTokenizer, resolve_model(name_or_path), what="tokenizer")
 
 
 def load_sequence_classifier(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -78,7 +77,9 @@ class PerturbationRecord:
 
     @classmethod
     def load(cls, path: str | Path) -> PerturbationRecord:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        from ..run_files import read_json
+
+        return cls.from_dict(read_json(path, "It was written by PerturbationRecord.save; write it again."))
 
 
 def _loss_of(outputs: Any) -> torch.Tensor | None:

@@ -27,10 +27,25 @@ class ReportFiles:
 
 
 def write_report(run_dir: str | Path) -> ReportFiles:
-    """Render RUN/analysis/report.json into plots and a model card, next to it."""
+    """Render RUN/analysis/report.json into plots and a model card, next to it.
+
+    Raises:
+        ReportError: the run has no analysis, or its report is of another schema or incomplete.
+        RunInUseError: another process is writing the run directory.
+    """
+    from ..run_lock import locked_run
+
+    with locked_run(run_dir, "report"):
+        return _write_report(run_dir)
+
+
+def _write_report(run_dir: str | Path) -> ReportFiles:
+    from ..run_directory import RunDirectory
+
     report = load_report(run_dir)
-    analysis = Path(run_dir) / "analysis"
-    plots = render_plots(report, analysis / "plots")
+    run = RunDirectory(run_dir)
+    analysis = run.own_folder(run.analysis_dir)
+    plots = render_plots(report, run.own_folder(analysis / "plots"))
     card = build_card(report, plots)
     path = analysis / "README.md"
     with atomic_path(path) as tmp:

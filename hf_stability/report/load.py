@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from ..analysis.runner import REPORT_SCHEMA_VERSION
-from ..errors import ReportError
+from ..errors import ReportError, RunDirectoryError
+from ..run_files import read_json
 
 # Fields the report stage reads, as "section.field" (a section alone: the section must exist).
 REQUIRED_FIELDS = (
@@ -29,6 +29,44 @@ REQUIRED_FIELDS = (
 )
 
 
+# Fields that hold numbers (or null), as dotted paths; "*" is every item of a list or value of an object.
+NUMERIC_FIELDS = (
+    "run.max_steps", "run.spawn_steps.*", "settings.alphas", "settings.eval_samples",
+    "parent.*.loss", "parent.*.error",
+    "pairs.*.spawn_step", "pairs.*.child", "pairs.*.perturbation_l2", "pairs.*.amplification", "pairs.*.disagreement",
+    "pairs.*.l2.l2", "pairs.*.l2.relative", "pairs.*.cka.values.*",
+    "pairs.*.barriers.*.*.barrier", "pairs.*.barriers.*.*.values.*", "pairs.*.barriers.*.*.alphas.*",
+    "pairs.*.barriers.*.*.endpoint_a", "pairs.*.barriers.*.*.endpoint_b",
+    "pairs.*.aligned.l2.l2", "pairs.*.aligned.barriers.*.*.barrier", "pairs.*.aligned.barriers.*.*.values.*",
+    "pairs.*.noise_floor.figures.*.value", "pairs.*.noise_floor.figures.*.floor",
+    "summary.*.spawn_step", "summary.*.num_children", "summary.*.control.*", "summary.*.children.*.mean",
+    "summary.*.children.*.std", "divergence.*.spawn_step", "divergence.*.steps.*", "divergence.*.l2.*",
+)
+
+
+def _values_at(node: Any, keys: list[str], where: str) -> list[tuple[str, Any]]:
+    """(dotted path, value) of every node that ``keys`` reaches from ``node`` (missing: none)."""
+    if not keys:
+        return [(where, node)]
+    key, rest = keys[0], keys[1:]
+    if key == "*":
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+        return [found for k, child in items for found in _values_at(child, rest, f"{where}.{k}")]
+    if isinstance(node, dict) and key in node:
+        return _values_at(node[key], rest, f"{where}.{key}")
+    return []
+
+
+def _check_numbers(report: dict[str, Any], path: Path, run_dir: Path) -> None:
+    for dotted in NUMERIC_FIELDS:
+        for where, value in _values_at(report, dotted.split("."), ""):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ReportError(
+                    f"{path}: the field {where.lstrip('.')!r} holds {value!r}, not a number: the file was edited or "
+                    f"damaged. Run `hf-stability analyze {run_dir} --reanalyze` to write it again."
+                )
+
+
 def report_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / "analysis" / "report.json"
 
@@ -43,11 +81,9 @@ def load_report(run_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ReportError(f"{run_dir} has no analysis/report.json: run `hf-stability analyze {run_dir}` first.")
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ReportError(f"{path} is not valid JSON ({err}): run `hf-stability analyze {run_dir}` again.") from None
-    if not isinstance(report, dict):
-        raise ReportError(f"{path} is not a report (a JSON object was expected).")
+        report = read_json(path, f"Run `hf-stability analyze {run_dir}` again to write it anew.")
+    except RunDirectoryError as err:
+        raise ReportError(str(err)) from None
     version = report.get("schema_version")
     if not isinstance(version, int):
         raise ReportError(f"{path} has no schema_version: it was not written by `hf-stability analyze`.")
@@ -70,4 +106,5 @@ def load_report(run_dir: str | Path) -> dict[str, Any]:
                     f"`hf-stability analyze {run_dir}` again."
                 )
             node = node[key]
+    _check_numbers(report, path, run_dir)
     return report

@@ -19,6 +19,9 @@ from ..run_directory import RunDirectory
 
 logger = logging.getLogger(__name__)
 
+#: Files never uploaded from final/: pickles (the Trainer's training_args.bin, optimizer states).
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".pkl", ".pickle")
+
 
 def _stage(source: Path, target: Path) -> None:
     """Put ``source`` at ``target`` without copying where a hard link is possible."""
@@ -29,17 +32,38 @@ def _stage(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+def _own_file(run: RunDirectory, path: Path) -> Path:
+    """``path`` when it is a regular file inside the run directory, not a symbolic link and not
+    reached through one; raises otherwise (a link planted in a downloaded run would upload its
+    target, a Hub token file for one)."""
+    root = run.root.resolve()
+    if path.is_symlink():
+        raise PushError(f"{path} is a symbolic link (to {os.readlink(path)}): push uploads only the regular files "
+                        "hf_stability wrote inside the run directory. Remove the link and push again.")
+    if not path.is_file():
+        raise PushError(f"{path} is not a regular file: remove it, run `hf-stability report {run.root}` and push again.")
+    if not path.resolve().is_relative_to(root):
+        raise PushError(f"{path} lies outside {root} once links are followed (a linked folder on its way): push "
+                        "uploads only files inside the run directory. Replace the link with a real folder.")
+    return path
+
+
 def _staged_files(run: RunDirectory, include_weights: bool) -> list[tuple[Path, str]]:
+    """What is uploaded: the card, report.json, the report's figures and (if asked) the final
+    weights, each checked by ``_own_file``. Files of other names are never uploaded."""
+    from .plots import PLOTS
+
     analysis = run.analysis_dir
     files = [(analysis / "README.md", "README.md"), (analysis / "report.json", "report.json")]
-    files += [(png, f"plots/{png.name}") for png in sorted((analysis / "plots").glob("*.png"))]
+    files += [(analysis / "plots" / name, f"plots/{name}") for name in PLOTS if (analysis / "plots" / name).exists()
+              or (analysis / "plots" / name).is_symlink()]
     if include_weights:
         files += [(f, f.name) for f in sorted(run.parent_final.iterdir())
-                  if f.is_file() and f.suffix != ".pth" and f.name != "README.md"]
+                  if (f.is_file() or f.is_symlink()) and f.suffix not in PICKLE_SUFFIXES and f.name != "README.md"]
         for weights in sorted(run.root.glob("children/t*/c*/final/model.safetensors")):
             child = weights.parent.parent
             files.append((weights, f"children/{child.parent.name}/{child.name}/model.safetensors"))
-    return files
+    return [(_own_file(run, source), name) for source, name in files]
 
 
 def push_report(
@@ -52,16 +76,37 @@ def push_report(
     endpoint: str | None = None,
 ) -> str:
     """Create ``repo_id`` if needed (exist_ok) and upload the report in one commit; returns the
-    commit URL. The local run directory is only read."""
-    from huggingface_hub import HfApi, get_token
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    commit URL. The run's files are only read; its lock is held meanwhile (so nothing changes
+    them during the upload), which notes the pushing process in the lock file.
+
+    Raises:
+        PushError: invalid repo id, no token, nothing rendered, a file that is no regular file of
+            the run (a symbolic link), or the Hub refused.
+        RunInUseError: another process is writing the run directory.
+    """
+    from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
+
+    from ..run_lock import locked_run
 
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
         raise PushError(f"Invalid repo id {repo_id!r}: {err}. Use 'name' or 'namespace/name'.") from None
     run = RunDirectory(run_dir)
+    if not run.root.is_dir():
+        raise PushError(f"{run.root} is not a directory: pass the run directory of a butterfly study.")
+    with locked_run(run.root, "push"):
+        return _push(run, repo_id, private=private, include_weights=include_weights,
+                     commit_message=commit_message, endpoint=endpoint)
+
+
+def _push(run: RunDirectory, repo_id: str, *, private: bool, include_weights: bool, commit_message: str | None,
+          endpoint: str | None) -> str:
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    run.remove_temporaries()  # a killed push's staging folder
     card = run.analysis_dir / "README.md"
     if not card.is_file():
         raise PushError(f"{run.root} has no rendered report: run `hf-stability report {run.root}` first.")
@@ -72,8 +117,9 @@ def push_report(
         raise PushError("No Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again.")
     api = HfApi(endpoint=endpoint, token=token)
     message = commit_message or ("Upload hf_stability report" + (" and final weights" if include_weights else ""))
-    with tempfile.TemporaryDirectory(prefix=".hf-stability-push-", dir=run.root) as staging:
-        for source, name in _staged_files(run, include_weights):
+    files = _staged_files(run, include_weights)  # refused links stop the push before anything is sent
+    with tempfile.TemporaryDirectory(prefix=".push-", suffix=".tmp", dir=run.root) as staging:
+        for source, name in files:
             _stage(source, Path(staging) / name)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict
 from transformers import (
     AutoModelForImageClassification,
     PreTrainedModel,
@@ -29,6 +29,7 @@ from transformers import set_seed as hf_set_seed
 
 from ..arguments import StabilityArguments
 from ..data import load_fashion_mnist
+from ..data.hub import load_named, load_named_dataset
 from ..errors import HfStabilityError
 from ..metrics import classification_metrics
 from ..trainer import StabilityTrainer
@@ -118,7 +119,7 @@ def load_image_splits(args: ImageDataArguments) -> DatasetDict:
     if args.dataset == "fashion_mnist":
         splits = load_fashion_mnist(classes=list(args.classes))
     else:
-        splits = load_dataset(args.dataset)
+        splits = load_named_dataset(args.dataset, ("fashion_mnist",))
     limits = {"train": args.max_train_samples, args.eval_split: args.max_eval_samples}
     remap = {label: i for i, label in enumerate(args.classes)}
     out = {}
@@ -151,9 +152,8 @@ def load_image_splits(args: ImageDataArguments) -> DatasetDict:
 def build_image_model(args: ImageModelArguments, num_labels: int) -> PreTrainedModel:
     """A ViT from ``model_name_or_path`` (with a fresh head if asked) or from random initialisation."""
     if args.model_name_or_path:
-        model = AutoModelForImageClassification.from_pretrained(
-            args.model_name_or_path, num_labels=num_labels, ignore_mismatched_sizes=True
-        )
+        model = load_named(AutoModelForImageClassification, args.model_name_or_path, num_labels=num_labels,
+                           ignore_mismatched_sizes=True)
         if args.fresh_head:
             head = model.classifier if hasattr(model, "classifier") else model.timm_model.get_classifier()
             with torch.no_grad():

@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from datasets import DatasetDict, load_dataset
+from datasets import DatasetDict
 from transformers import AutoConfig, AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments
 from transformers import set_seed as hf_set_seed
 
 from ..arguments import StabilityArguments
 from ..data import load_drug_reviews, load_tokenizer, load_tweet_sentiment, resolve_model
+from ..data.hub import load_named, load_named_dataset
 from ..errors import HfStabilityError
 from ..metrics import classification_metrics
 from ..trainer import StabilityTrainer
@@ -75,7 +76,8 @@ def _card_metadata(task: TextClassificationArguments, stability: StabilityArgume
 
 def load_text_splits(args: TextClassificationArguments) -> DatasetDict:
     loader = OFFLINE_DATASETS.get(args.dataset)
-    splits = loader() if loader is not None else load_dataset(args.dataset)  # a Hub name or a local folder
+    # a Hub name or a local folder
+    splits = loader() if loader is not None else load_named_dataset(args.dataset, tuple(OFFLINE_DATASETS))
     for split in ("train", args.eval_split):
         if split not in splits:
             raise HfStabilityError(f"Dataset {args.dataset!r} has no {split!r} split (it has {list(splits)}).")
@@ -101,26 +103,42 @@ def build_text_classification_trainer(
     if task.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(task.max_eval_samples, len(evaluation))))
     label_feature = train.features[task.label_column]
-    num_labels = getattr(label_feature, "num_classes", None) or len(set(train[task.label_column]))
+    label_names = getattr(label_feature, "names", None)
+    to_id = None
+    if label_names is None and getattr(label_feature, "dtype", None) == "string":
+        # string labels (as run_glue does): class ids in sorted order of the training set's names
+        label_names = sorted(set(train[task.label_column]))
+        to_id = {name: i for i, name in enumerate(label_names)}
+        unknown = sorted(set(evaluation[task.label_column]) - set(to_id))
+        if unknown:
+            raise HfStabilityError(
+                f"The {task.eval_split} split has labels the training split lacks: {unknown[:5]}. Use splits with the "
+                "same label names."
+            )
+    num_labels = len(label_names) if label_names else len(set(train[task.label_column]))
 
     model_path = resolve_model(task.model_name_or_path)
     tokenizer = load_tokenizer(model_path)
 
     def encode(batch):
         encoded = tokenizer(batch[task.text_column], truncation=True, max_length=task.max_length)
-        encoded["labels"] = batch[task.label_column]
+        labels = batch[task.label_column]
+        encoded["labels"] = [to_id[y] for y in labels] if to_id is not None else labels
         return encoded
 
     columns = train.column_names
     train = train.map(encode, batched=True, remove_columns=columns, desc="tokenising train")
     evaluation = evaluation.map(encode, batched=True, remove_columns=evaluation.column_names, desc="tokenising eval")
 
+    names = {"id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}} \
+        if label_names else {}
+
     def model_init():
         hf_set_seed(training.seed)  # seeds the fresh classifier head (or, with random_init, every weight)
         if task.random_init:
-            config = AutoConfig.from_pretrained(model_path, num_labels=num_labels)
+            config = load_named(AutoConfig, model_path, num_labels=num_labels, **names)
             return AutoModelForSequenceClassification.from_config(config)
-        return AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
+        return load_named(AutoModelForSequenceClassification, model_path, num_labels=num_labels, **names)
 
     return StabilityTrainer(
         model_init=model_init,

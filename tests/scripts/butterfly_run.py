@@ -1,12 +1,20 @@
 """A small butterfly study of a tiny BERT, analysed and reported, run as its own process by the
 kill-and-resume tests.
 
-usage: butterfly_run.py OUT [WHERE STEP]
+usage: butterfly_run.py OUT [--constant] [WHERE STEP]
+--constant: a constant learning rate (no warm-up, no decay) and children 0 and 1 of each spawn step
+trained as one stacked group (parallel_children=2), child 2 alone: a step taken after the last one
+would change the weights (with a schedule that ends at 0 it would not).
 With a kill point, the process SIGKILLs itself:
-- WHERE a run's output_dir suffix ("parent", "children/t0/c1"), STEP an optimizer step: when that
-  run finishes the step; STEP "begin": when that run starts (the previous child is complete);
+- WHERE a run's output_dir suffix ("parent", "children/t0/c1", "children/t0/.stacked-0-1.tmp"), STEP an
+  optimizer step: when that run finishes the step; STEP "begin": when that run starts (the previous
+  child is complete); STEP "evaluate<n>": at that run's n-th evaluation, which for the parent and a
+  child alone is the final one, after its last checkpoint and before its final/ (for a stacked
+  group, evaluation n finalises its n-th child);
 - WHERE "analysis", STEP n: when the analysis collates its n-th batch;
 - WHERE "report", STEP "plots": after the report's plots are written, before its card.
+With WHERE "pause", STEP n: when the parent finishes step n, print "paused" and wait for a line on
+stdin (a process holding the run directory, for the tests of a second writer).
 With WHERE "disk", STEP n: no file of the process may grow beyond n bytes (a full disk,
 simulated with RLIMIT_FSIZE); an HfStabilityError is printed and the process exits with 1.
 """
@@ -37,6 +45,7 @@ def die():
 class KillAt(TrainerCallback):
     def __init__(self, suffix, step):
         self.suffix, self.step = suffix, step
+        self.evaluations = 0
 
     def _here(self, args):
         return args.output_dir.rstrip("/").endswith(self.suffix)
@@ -45,20 +54,38 @@ class KillAt(TrainerCallback):
         if self.step == "begin" and self._here(args):
             die()
 
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self._here(args):
+            self.evaluations += 1
+            if self.step == f"evaluate{self.evaluations}" or (self.step == "evaluate" and self.evaluations == 1):
+                die()
+
     def on_step_end(self, args, state, control, **kwargs):
         if self._here(args) and str(state.global_step) == self.step:
             die()
 
 
-def build(out):
+class PauseAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.output_dir.rstrip("/").endswith("parent") and str(state.global_step) == self.step:
+            print("paused", flush=True)
+            sys.stdin.readline()
+
+
+def build(out, constant=False):
     train, test = tweets()
+    schedule = dict(lr_scheduler_type="constant", warmup_steps=0) if constant else {}
     return StabilityTrainer(
         model_init=lambda: tiny_bert(0),
-        args=training_args(out, max_steps=12, save_strategy="steps", save_steps=4),
+        args=training_args(out, max_steps=12, save_strategy="steps", save_steps=4, **schedule),
         train_dataset=train,
         eval_dataset=test,
         compute_metrics=classification_metrics(),
-        stability_args=StabilityArguments(spawn_steps=[0, 5], num_children=2, divergence_every=4),
+        stability_args=StabilityArguments(spawn_steps=[0, 5], num_children=2, divergence_every=4,
+                                          parallel_children=2 if constant else 1),
     )
 
 
@@ -76,8 +103,11 @@ def killing_collator(run_dir, at_batch):
 
 
 if __name__ == "__main__":
-    out, where, step = sys.argv[1], *(sys.argv[2:4] if len(sys.argv) > 3 else (None, None))
-    trainer = build(out)
+    args = sys.argv[1:]
+    constant = "--constant" in args
+    args = [a for a in args if a != "--constant"]
+    out, where, step = args[0], *(args[1:3] if len(args) > 2 else (None, None))
+    trainer = build(out, constant)
     if where == "disk":
         import resource
 
@@ -91,7 +121,9 @@ if __name__ == "__main__":
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
         sys.exit(0)
-    if where not in (None, "analysis", "report"):
+    if where == "pause":
+        trainer.add_callback(PauseAt(step))
+    elif where not in (None, "analysis", "report"):
         trainer.add_callback(KillAt(where, step))
     trainer.butterfly()
     collate = killing_collator(out, int(step)) if where == "analysis" else None

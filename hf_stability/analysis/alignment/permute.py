@@ -69,13 +69,16 @@ def permute_state(state: dict[str, torch.Tensor], spec: PermutationSpec, perm: P
     return {name: permute_tensor(tensor, name, spec, perm) for name, tensor in state.items()}
 
 
-def apply_permutation(model: nn.Module, perm: Permutation, spec: PermutationSpec | None = None) -> nn.Module:
+def apply_permutation(
+    model: nn.Module, perm: Permutation, spec: PermutationSpec | None = None, in_place: bool = False
+) -> nn.Module:
     """A permuted copy of ``model``: the same function (up to float rounding), hidden units
-    relabelled. ``model`` itself is left unchanged."""
+    relabelled. ``model`` itself is left unchanged, unless ``in_place``: then its own weights
+    are permuted (one tensor at a time, no second copy of the model) and it is returned."""
     spec = spec or permutation_spec(model)
     params = spec.check_model(model)
     spec.check_permutation(perm)
-    permuted = copy.deepcopy(model)
+    permuted = model if in_place else copy.deepcopy(model)
     with torch.no_grad():
         for name in params:
             if spec.axes_of(name):

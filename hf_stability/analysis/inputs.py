@@ -1,0 +1,145 @@
+"""What an analysis reads from a run directory, read once and verified.
+
+Every file the study wrote is checked against the checksums its run recorded (manifest.py)
+before anything is measured, so a damaged file is named with its remedy instead of becoming a
+wrong number. The checksums also identify the inputs of every measured pair: an earlier
+report's pair is reused only when the checksums of its models, records and data, and the
+arguments, are the same as now (``pair_fingerprint``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import RunDirectoryError
+from ..manifest import named_files, sha256_of, verify
+from ..run_directory import (
+    DIVERGENCE_NAME,
+    EVAL_RESULTS_NAME,
+    PERTURBATION_NAME,
+    RunDirectory,
+    fingerprint,
+)
+from ..run_files import read_json
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ChildInputs:
+    """One child of a spawn step as the analysis sees it."""
+
+    spawn_step: int
+    child: int
+    status: str  # done | diverged | pending
+    checksums: dict[str, str] = field(default_factory=dict)  # verified files (final/, records)
+    perturbation_l2: float = 0.0
+    divergence: list[dict[str, Any]] = field(default_factory=list)
+    diverged: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"t{self.spawn_step}/c{self.child}"
+
+    def trained_l2(self, max_steps: int) -> float | None:
+        """The L2 to the parent this child measured at the last step, during training."""
+        last = [row["l2"] for row in self.divergence if row["step"] == max_steps]
+        return float(last[-1]) if last else None
+
+
+@dataclass
+class RunInputs:
+    """The config, the checksums of the data and the parent, and every child (see module doc)."""
+
+    config: dict[str, Any]
+    data: dict[str, str]
+    parent: dict[str, str]
+    children: dict[tuple[int, int], ChildInputs]
+
+    @classmethod
+    def read(cls, run: RunDirectory, verify_data: bool = True) -> RunInputs:
+        """Read and verify everything the analysis of ``run`` needs but the models' tensors.
+
+        Raises:
+            RunDirectoryError: a file is missing, damaged, or does not match its checksum.
+        """
+        config = run.load_config()
+        data = _verified_data(run) if verify_data else {}
+        if not run.parent_final.is_dir():
+            raise RunDirectoryError(f"{run.parent_final} is missing: the parent has not finished. Run the study "
+                                    "(its command again resumes it) before analysing it.")
+        parent = _verified_final(run, run.parent_final, run.parent_dir, run.parent_remedy())
+        children = {}
+        for t in config["spawn_steps"]:
+            for k in config["children"]:
+                children[t, k] = _child_inputs(run, t, k)
+        return cls(config=config, data=data, parent=parent, children=children)
+
+    def pair_fingerprint(self, arguments: dict[str, Any], a: str, b: str) -> str:
+        """What a pair's measures depend on: the arguments, the run, the data and both models'
+        verified files ("parent" or "t<t>/c<k>")."""
+        return fingerprint({"arguments": arguments, "run": self.config["fingerprint"], "data": self.data,
+                            "a": self._measured_files(a), "b": self._measured_files(b)})
+
+    def parent_fingerprint(self, arguments: dict[str, Any]) -> str:
+        return fingerprint({"arguments": arguments, "run": self.config["fingerprint"], "data": self.data,
+                            "parent": self._measured_files("parent")})
+
+    def _measured_files(self, name: str) -> dict[str, str]:
+        """The checksums of the files the measures of model ``name`` read (eval_results.json, which
+        holds the Trainer's wall times, is verified but read by no measure)."""
+        if name == "parent":
+            files = self.parent
+        else:
+            files = next(c for c in self.children.values() if c.name == name).checksums
+        return {n: digest for n, digest in files.items() if not n.endswith(EVAL_RESULTS_NAME)}
+
+
+def _unverified(files: dict[str, Any], where: object) -> dict[str, str]:
+    logger.warning("%s has no manifest (a run of an earlier hf_stability): its files cannot be checked for damage.",
+                   where)
+    return {name: sha256_of(path) for name, path in files.items()}
+
+
+def _verified_data(run: RunDirectory) -> dict[str, str]:
+    remedy = run.data_remedy()
+    if not run.data_manifest.is_file():
+        return _unverified(named_files(run.data_dir, ""), run.data_dir) if run.data_dir.is_dir() else {}
+    return verify(run.data_manifest, run.data_dir, lambda name: remedy)
+
+
+def _verified_final(run: RunDirectory, final, base, remedy: str, records: tuple[str, ...] = ()) -> dict[str, str]:
+    """The checksums of a run's final/ files (and ``records``), verified against its manifest."""
+    manifest = run.manifest_of(final)
+    prefix = f"{final.name}/"
+    if not manifest.is_file():
+        files = named_files(final, final.name)
+        files.update({name: base / name for name in records if (base / name).is_file()})
+        return _unverified(files, final)
+    return verify(manifest, base, lambda name: remedy, only=lambda name: name.startswith(prefix) or name in records)
+
+
+def _child_inputs(run: RunDirectory, t: int, k: int) -> ChildInputs:
+    status = run.child_status(t, k)
+    remedy = run.child_remedy(t, k)
+    child = ChildInputs(spawn_step=t, child=k, status=status)
+    if status == "pending":
+        return child
+    if status == "done":
+        child.checksums = _verified_final(run, run.child_final(t, k), run.child_dir(t, k), remedy,
+                                          records=(PERTURBATION_NAME, DIVERGENCE_NAME))
+    else:
+        child.diverged = read_json(run.diverged_file(t, k), remedy)
+    if run.perturbation_file(t, k).is_file() or status == "done":
+        record = read_json(run.perturbation_file(t, k), remedy)
+        change = record.get("change_l2")
+        if change is not None and (isinstance(change, bool) or not isinstance(change, (int, float))
+                                   or not math.isfinite(change) or change < 0):
+            raise RunDirectoryError(f"{run.perturbation_file(t, k)} has the change_l2 {change!r}, not a "
+                                    f"non-negative number: the file is damaged. {remedy}")
+        child.perturbation_l2 = float(change or 0.0)
+    child.divergence = run.divergence(t, k)
+    return child
