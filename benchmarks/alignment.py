@@ -95,7 +95,8 @@ def main() -> None:
             row["recovered"] = abs(aligned - reference) <= 1e-3 * reference
         results["runs"].append(row)
         print(f"weight matching, {name}: {result.seconds:.2f} s, {result.iterations} sweeps, "
-              f"L2 {row['l2_before']:.2f} -> {aligned:.4f}" + (f" (noise {reference:.4f})" if name == "planted" else ""))
+              f"L2 {row['l2_before']:.2f} -> {aligned:.4f}"
+              + (f" (noise {reference:.4f})" if name == "planted" else ""))
 
     if not args.skip_activation:
         g = torch.Generator().manual_seed(0)

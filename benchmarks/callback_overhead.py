@@ -5,7 +5,8 @@ Runs alternate (plain, parent, plain, parent, ...) so drift of the machine hits 
 A step's time is the wall time between two consecutive on_step_end events, so it includes
 whatever the callbacks do. Batches are padded to a fixed length so that step i costs the same
 in both runs; the headline figure is the median over steps of the ratio parent/plain of the
-same step i (pooled over repeats), next to the ratio of the two medians. Prints the figures and writes benchmarks/results/callback_overhead.json.
+same step i (pooled over repeats), next to the ratio of the two medians. Prints the figures and
+writes benchmarks/results/callback_overhead.json.
 
     python benchmarks/callback_overhead.py [--repeats 4] [--max_steps 40]
 """
@@ -24,7 +25,11 @@ from report import emit
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
 from hf_stability import StabilityArguments
-from hf_stability.tasks import TextClassificationArguments, build_text_classification_trainer
+from hf_stability.studies.text_classification import (
+    TextDataArguments,
+    TextModelArguments,
+    build_text_classification_trainer,
+)
 
 
 class StepTimer(TrainerCallback):
@@ -44,14 +49,14 @@ class StepTimer(TrainerCallback):
 
 
 def _arguments(output_dir: str, max_steps: int, every: int):
-    task = TextClassificationArguments(max_train_samples=2048, max_eval_samples=64, max_length=48)
+    data = TextDataArguments(max_train_samples=2048, max_eval_samples=64, max_length=48)
     # the parent saves spawn checkpoints at 0 and at the last step but one; one 1-step control child
     stability = StabilityArguments(spawn_steps=[0, max_steps - 1], num_children=0, divergence_every=every)
     training = TrainingArguments(
         output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=16, learning_rate=1e-4,
         seed=0, save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=every,
     )
-    return task, stability, training
+    return TextModelArguments(), data, stability, training
 
 
 def main() -> None:
@@ -66,8 +71,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(-1, cli.repeats):  # repeat -1 warms the machine up and is not counted
             # plain Trainer: the same model, data and arguments, no stability machinery
-            task, stability, training = _arguments(f"{tmp}/plain{repeat}", cli.max_steps, cli.divergence_every)
-            built = build_text_classification_trainer(task, stability, training)
+            arguments = _arguments(f"{tmp}/plain{repeat}", cli.max_steps, cli.divergence_every)
+            training = arguments[-1]
+            built = build_text_classification_trainer(*arguments)
             collator = DataCollatorWithPadding(built.processing_class, padding="max_length", max_length=48)
             plain_timer = StepTimer()
             plain = Trainer(
@@ -77,8 +83,8 @@ def main() -> None:
             plain.train()
 
             # StabilityTrainer parent: spawn checkpoints and divergence snapshots
-            task, stability, training = _arguments(f"{tmp}/study{repeat}", cli.max_steps, cli.divergence_every)
-            study = build_text_classification_trainer(task, stability, training)
+            study = build_text_classification_trainer(*_arguments(f"{tmp}/study{repeat}", cli.max_steps,
+                                                                  cli.divergence_every))
             study.data_collator = collator
             timer = StepTimer(suffix="parent")  # only the parent's steps are timed
             study.add_callback(timer)
@@ -104,7 +110,8 @@ def main() -> None:
         "mean_ratio": statistics.mean(parent_times) / statistics.mean(plain_times),
         "target_median_ratio": 1.02,
         "steps_timed_per_run": cli.max_steps - 1,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": torch.get_num_threads()},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "torch_threads": torch.get_num_threads()},
         "torch": torch.__version__,
     }
     emit(result, cli.output)

@@ -65,8 +65,8 @@ def main() -> None:
                 model_init=_model,
                 args=TrainingArguments(str(root), max_steps=args.steps, per_device_train_batch_size=args.batch,
                                        per_device_eval_batch_size=128, learning_rate=1e-4, warmup_steps=5,
-                                       bf16=args.bf16, tf32=args.tf32 or None, save_strategy="no", report_to="none", logging_steps=20,
-                                       disable_tqdm=True, seed=0),
+                                       bf16=args.bf16, tf32=args.tf32 or None, save_strategy="no", report_to="none",
+                                       logging_steps=20, disable_tqdm=True, seed=0),
                 train_dataset=train, eval_dataset=test,
                 stability_args=StabilityArguments(spawn_steps=[0], num_children=children - 1, parallel_children=k,
                                                   perturbation_scale=0.01, divergence_every=20,
@@ -87,7 +87,8 @@ def main() -> None:
                 continue
             torch.cuda.synchronize()
             seconds = time.perf_counter() - started
-            rows.append({"parallel_children": k, "seconds": seconds, "child_steps_per_s": children * args.steps / seconds,
+            rows.append({"parallel_children": k, "seconds": seconds,
+                         "child_steps_per_s": children * args.steps / seconds,
                          "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30})
             print(f"K={k:>2}: {seconds:7.1f} s for {children} children x {args.steps} steps, "
                   f"{rows[-1]['child_steps_per_s']:7.1f} child-steps/s, peak {rows[-1]['peak_gpu_gib']:.2f} GiB")
@@ -99,7 +100,8 @@ def main() -> None:
         if "seconds" in row:
             row["time_vs_sequential"] = row["seconds"] / sequential if sequential else None
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "children": children,
-              "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "bf16": args.bf16, "tf32": args.tf32, "runs": rows}
+              "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "bf16": args.bf16, "tf32": args.tf32,
+              "runs": rows}
     emit(result, args.output)
 
 

@@ -1,7 +1,7 @@
 """Step-time cost of deterministic kernels (StabilityArguments.deterministic).
 
 Times full training steps (forward, backward, gradient clipping, AdamW) of a MiniLM classifier
-on synthetic tokens, with and without ``hf_stability.determinism.deterministic_algorithms``, in
+on synthetic tokens, with and without ``hf_stability.training.determinism.deterministic_algorithms``, in
 fp32 (TF32 off) and under bf16 autocast. cuBLAS reads its workspace setting once per process,
 so every setting runs in its own worker process. Prints a table and writes JSON.
 
@@ -32,7 +32,7 @@ def worker(model_path: str, precision: str, deterministic: bool, steps: int, bat
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from hf_stability.determinism import deterministic_algorithms
+    from hf_stability.training.determinism import deterministic_algorithms
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -78,8 +78,8 @@ def main() -> None:
                   f"L2 {result['l2']:.3g}  ({result['tensors_differing']}/{result['tensors']} tensors differ)")
     import torch
 
-    result = {"torch": torch.__version__, "max_steps": args.max_steps, "batch": args.batch, "model": Path(args.model).name,
-              "runs": rows}
+    result = {"torch": torch.__version__, "max_steps": args.max_steps, "batch": args.batch,
+              "model": Path(args.model).name, "runs": rows}
     emit(result, args.output)
 
 

@@ -1,55 +1,45 @@
 """hf_stability: butterfly-effect stability studies for Hugging Face fine-tuning.
 
 Perturb a training run at step t, train children beside an unperturbed control, and measure
-how far they end from the parent (arXiv 2506.13234).
+how far they end from the parent (arXiv 2506.13234). The public API, imported on first use:
+
+- training: ``StabilityTrainer``, ``StabilityMixin``, ``StabilityArguments``, ``PerturbationCallback``,
+  ``ButterflyResult``
+- perturbations: ``PerturbationConfig``, ``PerturbationRecord``, ``perturb_model``
+- the run directory: ``RunDirectory``
+- analysis and report: ``hf_stability.analysis`` (``analyze_run``...), ``hf_stability.report``
+- errors: every exception of ``hf_stability.errors`` (``HfStabilityError`` is their base)
 """
+
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-from .arguments import StabilityArguments
-from .callback import PerturbationCallback
-from .errors import (
-    AnalysisDataError,
-    ArchitectureMismatchError,
-    ChildDivergedError,
-    HfStabilityError,
-    MissingDataError,
-    NoMatchingParametersError,
-    PerturbationConfigError,
-    PushError,
-    ReportError,
-    RunConfigMismatchError,
-    RunDirectoryError,
-    SpawnStepError,
-    UnknownInitScaleError,
-    UnsupportedArchitectureError,
+_ERRORS = (
+    "AnalysisArgumentsError", "AnalysisDataError", "ArchitectureMismatchError", "ArgumentsError", "ChildDivergedError",
+    "DiskFullError", "HfStabilityError", "MissingDataError", "NoMatchingParametersError", "PerturbationConfigError",
+    "PushError", "ReportError", "RunConfigMismatchError", "RunDirectoryError", "RunInUseError", "SpawnStepError",
+    "StudyArgumentsError", "StudySetupError", "UnknownInitScaleError", "UnsupportedArchitectureError",
 )
-from .perturb import PerturbationConfig, PerturbationRecord, perturb_model
-from .run_directory import RunDirectory
-from .trainer import ButterflyResult, StabilityTrainer
+_EXPORTS = {
+    "ButterflyResult": ".training",
+    "PerturbationCallback": ".training",
+    "StabilityArguments": ".training",
+    "StabilityMixin": ".training",
+    "StabilityTrainer": ".training",
+    "PerturbationConfig": ".perturb",
+    "PerturbationRecord": ".perturb",
+    "perturb_model": ".perturb",
+    "RunDirectory": ".run_directory",
+    **{name: ".errors" for name in _ERRORS},
+}
+__all__ = sorted(_EXPORTS) + ["__version__"]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-__all__ = [
-    "AnalysisDataError",
-    "ArchitectureMismatchError",
-    "ButterflyResult",
-    "ChildDivergedError",
-    "HfStabilityError",
-    "MissingDataError",
-    "NoMatchingParametersError",
-    "PerturbationCallback",
-    "PerturbationConfig",
-    "PerturbationConfigError",
-    "PerturbationRecord",
-    "PushError",
-    "ReportError",
-    "RunConfigMismatchError",
-    "RunDirectory",
-    "RunDirectoryError",
-    "SpawnStepError",
-    "StabilityArguments",
-    "StabilityTrainer",
-    "UnknownInitScaleError",
-    "UnsupportedArchitectureError",
-    "__version__",
-    "perturb_model",
-]
+if TYPE_CHECKING:  # for type checkers and IDEs: the names as they resolve
+    from .errors import *  # noqa: F403
+    from .perturb import PerturbationConfig, PerturbationRecord, perturb_model  # noqa: F401
+    from .run_directory import RunDirectory  # noqa: F401
+    from .training import ButterflyResult, PerturbationCallback, StabilityArguments, StabilityMixin, StabilityTrainer  # noqa: F401

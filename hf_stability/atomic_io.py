@@ -11,9 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save_file
-
 from .errors import DiskFullError, HfStabilityError
 
 #: What libraries say when a write hits a full disk: errno numbers, and the messages of torch.save
@@ -105,8 +102,10 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
         os.fsync(f.fileno())
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
     """Save a flat dict of tensors as safetensors, atomically."""
+    from safetensors.torch import save_file
+
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(cpu, str(tmp), metadata=metadata)

@@ -6,17 +6,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from transformers import HfArgumentParser, TrainingArguments
-
-from .arguments import StabilityArguments
 from .errors import HfStabilityError
-from .recipe import parse_flags
 
 COMMANDS = {
     "demo": "Fine-tune the packaged MiniLM on tweet sentiment and run a small butterfly study (offline).",
-    "train": "Run a butterfly study of a text classifier: TrainingArguments + StabilityArguments flags.",
+    "train": "Run a butterfly study of a text classifier: model, data, StabilityArguments and TrainingArguments flags.",
     "analyze": "Measure a run directory (L2, barriers, CKA, disagreement) -> RUN/analysis/report.json.",
     "report": "Render RUN/analysis/report.json into PNG plots and a model card (RUN/analysis/README.md).",
     "push": "Upload the report (and with --include_weights the final weights) to a Hub model repo.",
@@ -39,6 +34,12 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _parser(dataclasses: tuple, command: str):
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser(dataclasses, prog=f"hf-stability {command}")
+
+
 def _print_result(result) -> None:
     print()
     print(result.format_table())
@@ -46,89 +47,42 @@ def _print_result(result) -> None:
     print(f"Run directory: {result.run_dir.resolve()}")
 
 
-def _demo(argv: Sequence[str]) -> int:
-    from .demo import DemoArguments, run_demo
+def _print_summary(report) -> None:
+    from .report.table import summary_table
 
-    (demo,) = parse_flags(HfArgumentParser(DemoArguments, prog="hf-stability demo"), list(argv))
+    print()
+    print(summary_table(report))
+
+
+def _print_report_files(files) -> None:
+    print(f"\nModel card: {files.card.resolve()}")
+    print(f"Plots:      {files.plots_dir.resolve()} ({', '.join(sorted(files.plots))})")
+
+
+def _demo(argv: Sequence[str]) -> int:
+    from .studies.demo import DemoArguments, analyze_demo, run_demo
+    from .studies.recipe import parse_flags
+
+    (demo,) = parse_flags(_parser((DemoArguments,), "demo"), list(argv))
     result = run_demo(demo)
     _print_result(result)
     if demo.analyze:
-        from .demo import analyze_demo
-
         report, files = analyze_demo(result.run_dir)
-        print()
-        print(_format_summary(report))
+        _print_summary(report)
         _print_report_files(files)
     return 0
 
 
 def _train(argv: Sequence[str]) -> int:
-    from .recipe import parse_args
-    from .tasks import TextClassificationArguments, build_text_classification_trainer
+    from transformers import TrainingArguments
 
-    parser = HfArgumentParser(
-        (TextClassificationArguments, StabilityArguments, TrainingArguments), prog="hf-stability train"
-    )
-    task, stability, training = parse_args(parser, list(argv))
-    _print_result(build_text_classification_trainer(task, stability, training).butterfly())
+    from .studies.recipe import parse_args
+    from .studies.text_classification import TextDataArguments, TextModelArguments, build_text_classification_trainer
+    from .training import StabilityArguments
+
+    parser = _parser((TextModelArguments, TextDataArguments, StabilityArguments, TrainingArguments), "train")
+    _print_result(build_text_classification_trainer(*parse_args(parser, list(argv))).butterfly())
     return 0
-
-
-SUMMARY_COLUMNS = (
-    ("L2", "l2", 18),
-    ("L2 aligned", "aligned_l2", 18),
-    ("loss barrier", "loss_barrier_eval", 18),
-    ("aligned", "aligned_loss_barrier_eval", 18),
-    ("error barrier", "error_barrier_eval", 18),
-    ("disagree", "disagreement", 16),
-    ("amplification", "amplification", 16),
-)
-
-
-def _format_summary(report: dict) -> str:
-    from .report.findings import format_value
-
-    header = (f"{'spawn step':>10}  {'who':<9}  " + "  ".join(f"{title:>{width}}" for title, _, width in SUMMARY_COLUMNS)
-              + f"  {'at the floor':>12}")
-    lines = [header, "-" * len(header)]
-    for row in report["summary"]:
-        for who, values in (("control", row["control"]), ("children", row["children"])):
-            if values:
-                cells = "  ".join(format_value(values.get(key)).rjust(width) for _, key, width in SUMMARY_COLUMNS)
-                # children within 2x of the control on every figure: indistinguishable from the noise floor
-                floor = row.get("indistinguishable_from_floor")
-                at_floor = f"{floor} of {row['num_children']}" if who == "children" and floor is not None else ""
-                lines.append(f"{row['spawn_step']:>10}  {who:<9}  {cells}  {at_floor:>12}".rstrip())
-    return "\n".join(lines)
-
-
-def _analyze(argv: Sequence[str]) -> int:
-    from accelerate import Accelerator
-
-    from .analysis import AnalyzeArguments, analyze_run
-
-    if not argv or argv[0].startswith("-"):
-        print("usage: hf-stability analyze RUN_DIR [--eval_samples N] [--train_samples N] [--pairs parent-child|"
-              "child-child|all] [--alphas 11] [--batch_size 64] [--pooling cls|mean|all] [--autocast none|bf16|fp16] "
-              "[--alignment weight|activation|none] [--cpu]", file=sys.stderr)
-        return 2
-    run_dir, rest = argv[0], argv[1:]
-    (args,) = parse_flags(HfArgumentParser(AnalyzeArguments, prog="hf-stability analyze"), list(rest))
-    accelerator = Accelerator(cpu=args.cpu)
-    try:
-        report = analyze_run(run_dir, args, accelerator)
-    finally:
-        accelerator.end_training()
-    if accelerator.is_main_process:
-        print()
-        print(_format_summary(report))
-        print(f"\nReport: {(Path(run_dir) / 'analysis' / 'report.json').resolve()}")
-    return 0
-
-
-def _print_report_files(files) -> None:
-    print(f"\nModel card: {files.card.resolve()}")
-    print(f"Plots:      {files.card.parent.resolve() / 'plots'} ({', '.join(sorted(files.plots))})")
 
 
 def _run_dir_and_rest(command: str, argv: Sequence[str], usage: str) -> tuple[str, list[str]] | None:
@@ -136,6 +90,29 @@ def _run_dir_and_rest(command: str, argv: Sequence[str], usage: str) -> tuple[st
         print(f"usage: hf-stability {command} RUN_DIR {usage}".rstrip(), file=sys.stderr)
         return None
     return argv[0], list(argv[1:])
+
+
+def _analyze(argv: Sequence[str]) -> int:
+    from .analysis import AnalyzeArguments, analyze_run
+    from .run_directory import RunDirectory
+    from .studies.recipe import parse_flags
+
+    parsed = _run_dir_and_rest("analyze", argv, "[options] (see --help)")
+    if parsed is None:
+        return 2
+    run_dir, rest = parsed
+    (args,) = parse_flags(_parser((AnalyzeArguments,), "analyze"), rest)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=args.cpu)
+    try:
+        report = analyze_run(run_dir, args, accelerator)
+    finally:
+        accelerator.end_training()
+    if accelerator.is_main_process:
+        _print_summary(report)
+        print(f"\nReport: {RunDirectory(run_dir).report_file.resolve()}")
+    return 0
 
 
 def _report(argv: Sequence[str]) -> int:
@@ -146,7 +123,7 @@ def _report(argv: Sequence[str]) -> int:
         return 2
     run_dir, rest = parsed
     if rest:
-        print(f"hf-stability report: unexpected arguments {rest}", file=sys.stderr)
+        print(f"hf-stability report: error: unrecognized arguments: {' '.join(rest)}", file=sys.stderr)
         return 2
     _print_report_files(write_report(run_dir))
     return 0
@@ -154,12 +131,13 @@ def _report(argv: Sequence[str]) -> int:
 
 def _push(argv: Sequence[str]) -> int:
     from .report import push_report
+    from .studies.recipe import parse_flags
 
     parsed = _run_dir_and_rest("push", argv, "--repo-id NAME [--private] [--include-weights] [--commit-message M]")
     if parsed is None:
         return 2
     run_dir, rest = parsed
-    (args,) = parse_flags(HfArgumentParser(PushArguments, prog="hf-stability push"), rest)
+    (args,) = parse_flags(_parser((PushArguments,), "push"), rest)
     url = push_report(run_dir, args.repo_id, private=args.private, include_weights=args.include_weights,
                       commit_message=args.commit_message)
     print(f"Pushed: {url}")

@@ -57,12 +57,13 @@ def read_manifest(path: Path, remedy: str) -> dict:
     manifest = read_json(path, remedy)
     files = manifest.get("files")
     if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
-        raise RunDirectoryError(f"{path} is no manifest of format {MANIFEST_FORMAT}: the file is damaged. {remedy}")
+        raise RunDirectoryError(f"{path} is no manifest of format {MANIFEST_FORMAT}: the file is damaged. {remedy}",
+                                path=path)
     for name, entry in files.items():
         parts = PurePosixPath(name).parts
         if PurePosixPath(name).is_absolute() or ".." in parts or not isinstance(entry, dict) \
                 or not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("bytes"), int):
-            raise RunDirectoryError(f"{path} has a bad entry {name!r}: the file is damaged. {remedy}")
+            raise RunDirectoryError(f"{path} has a bad entry {name!r}: the file is damaged. {remedy}", path=path)
     return manifest
 
 
@@ -82,18 +83,19 @@ def verify(path: Path, base: Path, remedy_for: Callable[[str], str],
             continue
         file = base / name
         if not file.is_file():
-            raise RunDirectoryError(f"{file} is missing (its run recorded it in {path}). {remedy_for(name)}")
+            raise RunDirectoryError(f"{file} is missing (its run recorded it in {path}). {remedy_for(name)}", path=file)
         size = file.stat().st_size
         if size != entry["bytes"]:
             raise RunDirectoryError(
                 f"{file} has {size} bytes, {entry['bytes']} were written: the file was truncated or replaced after "
-                f"its run finished. {remedy_for(name)}"
+                f"its run finished. {remedy_for(name)}", path=file,
             )
         digest = sha256_of(file)
         if digest != entry["sha256"]:
             raise RunDirectoryError(
                 f"{file} does not match the checksum its run recorded (sha256 {digest[:12]}..., recorded "
-                f"{entry['sha256'][:12]}...): the file was damaged after its run finished. {remedy_for(name)}"
+                f"{entry['sha256'][:12]}...): the file was damaged after its run finished. {remedy_for(name)}",
+                path=file,
             )
         checked[name] = digest
     return checked

@@ -2,17 +2,23 @@
 
 ```
 RUN/stability_config.json
+RUN/.hf_stability.lock                 the lock of the process writing the run
+RUN/parent/initial/model.safetensors   the parent's weights before training
 RUN/parent/checkpoint-<t>/             Trainer checkpoints at the spawn steps
-RUN/parent/final/                      model.safetensors, config, tokenizer, eval_results.json
+RUN/parent/trajectory/step-<s>.safetensors  the parent's weights at the divergence steps
+RUN/parent/final/                      model.safetensors, config, tokenizer, eval_results.json, manifest.json
 RUN/children/t<t>/c<k>/final/          the same for child k of spawn step t (k=0: control)
 RUN/children/t<t>/c<k>/perturbation.json
 RUN/children/t<t>/c<k>/divergence.jsonl
 RUN/children/t<t>/c<k>/diverged.json   only for a child whose loss or weights became NaN/Inf
 RUN/data/train, RUN/data/eval          model inputs for the analyzer (datasets.save_to_disk)
+RUN/data/collator.json, RUN/data/tokenizer/, RUN/data/manifest.json
 RUN/analysis/report.json               written by the analyzer
+RUN/analysis/plots/*.png, RUN/analysis/README.md   written by the report stage
 ```
-A folder named ``final`` appears in one rename once everything in it is written, so its
-presence means the run finished.
+Every file and folder name is a constant here, with a path method of ``RunDirectory``; no
+other module spells one. A folder named ``final`` appears in one rename once everything in it
+is written, so its presence means the run finished.
 """
 
 from __future__ import annotations
@@ -28,8 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic_io import remove_stale_temporaries, write_json
-from .atomic_io import disk_full_error
+from .atomic_io import disk_full_error, remove_stale_temporaries, write_json
 from .errors import RunConfigMismatchError, RunDirectoryError
 from .run_files import read_divergence, read_json
 
@@ -39,13 +44,34 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "stability_config.json"
 #: The run directory's lock file (run_lock.py): one writer at a time.
 LOCK_NAME = ".hf_stability.lock"
+PARENT_DIR = "parent"
+CHILDREN_DIR = "children"
+DATA_DIR = "data"
+ANALYSIS_DIR = "analysis"
+FINAL_DIR = "final"
+INITIAL_DIR = "initial"
+TRAJECTORY_DIR = "trajectory"
+PLOTS_DIR = "plots"
+TOKENIZER_DIR = "tokenizer"
+#: Names the Trainer and save_pretrained give their files (transformers' SAFE_WEIGHTS_NAME, TRAINER_STATE_NAME).
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_JSON = "config.json"
+TRAINER_STATE_NAME = "trainer_state.json"
+WEIGHTS_GLOB = "model*.safetensors"  # one file, or the shards of a large model
+OPTIMIZER_NAME = "optimizer.pt"
+SCHEDULER_NAME = "scheduler.pt"
+RNG_STATE_GLOB = "rng_state*.pth"  # rng_state.pth, or rng_state_<rank>.pth in a distributed run
 EVAL_RESULTS_NAME = "eval_results.json"
 #: Checksums of a run's files (manifest.py): final/manifest.json of the parent and of each child, data/manifest.json.
 MANIFEST_NAME = "manifest.json"
 PERTURBATION_NAME = "perturbation.json"
 DIVERGENCE_NAME = "divergence.jsonl"
 DIVERGED_NAME = "diverged.json"
+COLLATOR_NAME = "collator.json"
+REPORT_NAME = "report.json"
+CARD_NAME = "README.md"
 _CHECKPOINT_PREFIX = "checkpoint-"
+_STEP_PREFIX = "step-"
 
 
 def fingerprint(data: Any) -> str:
@@ -66,12 +92,12 @@ def checkpoint_problem(path: Path) -> str | None:
     """What a Trainer checkpoint lacks (None when it is complete): its trainer_state.json (written
     last) must parse, and its weights and its RNG state must exist (resuming without the RNG
     state would silently draw other dropout masks and another data order)."""
-    state = path / "trainer_state.json"
+    state = path / TRAINER_STATE_NAME
     if not path.is_dir():
         return "it does not exist"
-    if not any(path.glob("model*.safetensors")):
+    if not any(path.glob(WEIGHTS_GLOB)):
         return "no weights (model.safetensors)"
-    if not any(path.glob("rng_state*.pth")):
+    if not any(path.glob(RNG_STATE_GLOB)):
         return "no RNG state (rng_state.pth)"
     if not state.is_file():
         return "no trainer_state.json (its save did not finish)"
@@ -152,8 +178,8 @@ def _validate_config(config: dict[str, Any], path: Path) -> None:
     if not isinstance(identity, dict) or fingerprint(identity) != config["fingerprint"]:
         refuse("fingerprint", "the fingerprint of the run's identity (the arguments that fix its weights)")
     # every field read back must be what the fingerprinted identity says
-    from .arguments import StabilityArguments
     from .errors import HfStabilityError
+    from .training.arguments import StabilityArguments
 
     try:
         plan = StabilityArguments.from_recorded(identity.get("stability_arguments") or {}).plan()
@@ -193,40 +219,36 @@ class RunDirectory:
         return self.root / CONFIG_NAME
 
     @property
+    def lock_file(self) -> Path:
+        return self.root / LOCK_NAME
+
+    @property
     def parent_dir(self) -> Path:
-        return self.root / "parent"
+        return self.root / PARENT_DIR
 
     @property
     def parent_final(self) -> Path:
-        return self.parent_dir / "final"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def analysis_dir(self) -> Path:
-        return self.root / "analysis"
+        return self.parent_dir / FINAL_DIR
 
     @property
     def initial_weights(self) -> Path:
-        return self.parent_dir / "initial" / "model.safetensors"
+        return self.parent_dir / INITIAL_DIR / WEIGHTS_NAME
 
     @property
     def trajectory_dir(self) -> Path:
-        return self.parent_dir / "trajectory"
+        return self.parent_dir / TRAJECTORY_DIR
 
     def trajectory_file(self, step: int) -> Path:
-        return self.trajectory_dir / f"step-{step}.safetensors"
+        return self.trajectory_dir / f"{_STEP_PREFIX}{step}.safetensors"
 
     def parent_checkpoint(self, step: int) -> Path:
         return self.parent_dir / f"{_CHECKPOINT_PREFIX}{step}"
 
     def child_dir(self, spawn_step: int, child: int) -> Path:
-        return self.root / "children" / f"t{spawn_step}" / f"c{child}"
+        return self.root / CHILDREN_DIR / f"t{spawn_step}" / f"c{child}"
 
     def child_final(self, spawn_step: int, child: int) -> Path:
-        return self.child_dir(spawn_step, child) / "final"
+        return self.child_dir(spawn_step, child) / FINAL_DIR
 
     def perturbation_file(self, spawn_step: int, child: int) -> Path:
         return self.child_dir(spawn_step, child) / PERTURBATION_NAME
@@ -237,21 +259,54 @@ class RunDirectory:
     def diverged_file(self, spawn_step: int, child: int) -> Path:
         return self.child_dir(spawn_step, child) / DIVERGED_NAME
 
-    def manifest_of(self, final_dir: Path) -> Path:
+    def stacked_group_dir(self, spawn_step: int, children: list[int]) -> Path:
+        """Scratch output_dir of a stacked group (a temporary: deleted when the group is written)."""
+        return self.root / CHILDREN_DIR / f"t{spawn_step}" / f".stacked-{'-'.join(map(str, children))}.tmp"
+
+    def parent_name(self, path: Path) -> str:
+        """A parent's file by its name in the parent's manifest (relative to parent/)."""
+        return path.relative_to(self.parent_dir).as_posix()
+
+    @staticmethod
+    def manifest_of(final_dir: Path) -> Path:
         """The manifest of the run whose final/ is ``final_dir`` (its names are relative to the run's folder)."""
         return final_dir / MANIFEST_NAME
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / DATA_DIR
+
+    def data_split(self, split: str) -> Path:
+        """RUN/data/<split> (train, eval): saved model inputs."""
+        return self.data_dir / split
+
+    @property
+    def collator_file(self) -> Path:
+        return self.data_dir / COLLATOR_NAME
+
+    @property
+    def data_tokenizer(self) -> Path:
+        return self.data_dir / TOKENIZER_DIR
 
     @property
     def data_manifest(self) -> Path:
         return self.data_dir / MANIFEST_NAME
 
-    def stacked_group_dir(self, spawn_step: int, children: list[int]) -> Path:
-        """Scratch output_dir of a stacked group (a temporary: deleted when the group is written)."""
-        return self.root / "children" / f"t{spawn_step}" / f".stacked-{'-'.join(map(str, children))}.tmp"
+    @property
+    def analysis_dir(self) -> Path:
+        return self.root / ANALYSIS_DIR
 
     @property
-    def lock_file(self) -> Path:
-        return self.root / LOCK_NAME
+    def report_file(self) -> Path:
+        return self.analysis_dir / REPORT_NAME
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.analysis_dir / PLOTS_DIR
+
+    @property
+    def card_file(self) -> Path:
+        return self.analysis_dir / CARD_NAME
 
     def own_folder(self, folder: Path) -> Path:
         """``folder``, a folder of this run that hf_stability writes into (analysis/, its plots/),
@@ -331,10 +386,9 @@ class RunDirectory:
 
     def child_status(self, spawn_step: int, child: int) -> str:
         """'done', 'diverged' or 'pending'."""
-        directory = self.child_dir(spawn_step, child)
-        if (directory / "final").is_dir():
+        if self.child_final(spawn_step, child).is_dir():
             return "done"
-        if (directory / "diverged.json").is_file():
+        if self.diverged_file(spawn_step, child).is_file():
             return "diverged"
         return "pending"
 
@@ -366,7 +420,7 @@ class RunDirectory:
         """Write ``stability_config.json``, or check that the run found here has the same
         configuration (resume). A run of another configuration is refused unless ``overwrite``."""
         self.root.mkdir(parents=True, exist_ok=True)
-        owned = [self.config_file, self.parent_dir, self.root / "children", self.analysis_dir, self.data_dir]
+        owned = [self.config_file, self.parent_dir, self.root / CHILDREN_DIR, self.analysis_dir, self.data_dir]
         if self.config_file.is_file():
             try:
                 old = read_json(self.config_file, CONFIG_REMEDY)
@@ -403,12 +457,13 @@ class RunDirectory:
                 raise RunConfigMismatchError(
                     f"{self.root} holds a run of another configuration ({shown}). "
                     "Choose another output_dir, or pass --overwrite_run (StabilityArguments.overwrite_run=True) "
-                    "to delete it."
+                    "to delete it.", path=self.root, differences=diffs,
                 )
         elif any(p.exists() for p in owned[1:]) and not overwrite:
             raise RunConfigMismatchError(
                 f"{self.root} holds parent/ or children/ folders but no {CONFIG_NAME}: it is not a run this "
-                "version can resume. Choose another output_dir or pass --overwrite_run to delete them."
+                "version can resume. Choose another output_dir or pass --overwrite_run to delete them.",
+                path=self.root,
             )
         for path in owned:
             if path.is_dir():

@@ -17,7 +17,7 @@ from .errors import RunDirectoryError
 
 
 def _refuse(path: Path, problem: str, remedy: str) -> RunDirectoryError:
-    return RunDirectoryError(f"{path} {problem}. {remedy}")
+    return RunDirectoryError(f"{path} {problem}. {remedy}", path=path)
 
 
 def read_json(path: str | Path, remedy: str, expect: type = dict) -> Any:
@@ -36,7 +36,8 @@ def read_json(path: str | Path, remedy: str, expect: type = dict) -> Any:
     except UnicodeDecodeError:
         raise _refuse(path, "is not UTF-8 text: the file is damaged", remedy) from None
     except json.JSONDecodeError as err:
-        raise _refuse(path, f"is not valid JSON ({err.msg} at line {err.lineno}): the file is damaged", remedy) from None
+        problem = f"is not valid JSON ({err.msg} at line {err.lineno}): the file is damaged"
+        raise _refuse(path, problem, remedy) from None
     if not isinstance(value, expect):
         raise _refuse(path, f"holds a JSON {type(value).__name__}, not a {expect.__name__}: the file is damaged",
                       remedy)

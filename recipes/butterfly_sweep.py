@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
 from hf_stability import StabilityArguments
-from hf_stability.errors import HfStabilityError
-from hf_stability.recipe import RecipeAnalysisArguments, parse_args, run_study, setup_logging
+from hf_stability.errors import StudyArgumentsError
 from hf_stability.report.sweep import write_sweep_report
-from hf_stability.tasks import (
-    TextClassificationArguments,
+from hf_stability.studies.recipe import RecipeAnalysisArguments, parse_args, run_study, setup_logging
+from hf_stability.studies.text_classification import (
     TextDataArguments,
     TextModelArguments,
     build_text_classification_trainer,
@@ -49,22 +48,26 @@ class SweepArguments:
 
     def __post_init__(self) -> None:
         if not self.perturbation_scales or len(set(self.perturbation_scales)) != len(self.perturbation_scales):
-            raise HfStabilityError(f"perturbation_scales must be distinct, at least one; got {self.perturbation_scales}.")
+            raise StudyArgumentsError(
+                f"perturbation_scales must be distinct, at least one; got {self.perturbation_scales}.")
+
+
+#: What this recipe parses, from a config file or flags (in this order).
+ARGUMENTS = (TextModelArguments, TextDataArguments, SweepArguments, StabilityArguments, RecipeAnalysisArguments,
+             TrainingArguments)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = HfArgumentParser((TextModelArguments, TextDataArguments, SweepArguments, StabilityArguments,
-                               RecipeAnalysisArguments, TrainingArguments))
-    model_args, data_args, sweep, stability, analysis, training = parse_args(parser, argv)
+    model_args, data_args, sweep, stability, analysis, training = parse_args(HfArgumentParser(ARGUMENTS), argv)
     setup_logging(training)
-    task = TextClassificationArguments(**asdict(model_args), **asdict(data_args))
     root = Path(training.output_dir)
     runs: dict[float, Path] = {}
     trainer = None
     for scale in sweep.perturbation_scales:
         run_training = copy.deepcopy(training)
         run_training.output_dir = str(root / f"sigma-{scale:g}")
-        trainer = build_text_classification_trainer(task, replace(stability, perturbation_scale=scale), run_training)
+        trainer = build_text_classification_trainer(model_args, data_args, replace(stability, perturbation_scale=scale),
+                                                    run_training)
         runs[scale] = run_study(trainer, analysis).run_dir
     if analysis.analyze and trainer is not None and trainer.is_world_process_zero():
         report, plot = write_sweep_report(runs, root)

@@ -15,28 +15,24 @@ and TrainingArguments, from one JSON/YAML file or from flags (--help lists them 
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 from transformers import HfArgumentParser, TrainingArguments
 
 from hf_stability import StabilityArguments
-from hf_stability.recipe import RecipeAnalysisArguments, parse_args, run_study, setup_logging
-from hf_stability.tasks import (
-    TextClassificationArguments,
+from hf_stability.studies.recipe import RecipeAnalysisArguments, parse_args, run_study, setup_logging
+from hf_stability.studies.text_classification import (
     TextDataArguments,
     TextModelArguments,
     build_text_classification_trainer,
 )
 
+#: What this recipe parses, from a config file or flags (in this order).
+ARGUMENTS = (TextModelArguments, TextDataArguments, StabilityArguments, RecipeAnalysisArguments, TrainingArguments)
+
 
 def main(argv: list[str] | None = None) -> None:
-    parser = HfArgumentParser(
-        (TextModelArguments, TextDataArguments, StabilityArguments, RecipeAnalysisArguments, TrainingArguments)
-    )
-    model_args, data_args, stability, analysis, training = parse_args(parser, argv)
+    model_args, data_args, stability, analysis, training = parse_args(HfArgumentParser(ARGUMENTS), argv)
     setup_logging(training)
-    task = TextClassificationArguments(**asdict(model_args), **asdict(data_args))
-    run_study(build_text_classification_trainer(task, stability, training), analysis)
+    run_study(build_text_classification_trainer(model_args, data_args, stability, training), analysis)
 
 
 if __name__ == "__main__":

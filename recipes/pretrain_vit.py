@@ -20,15 +20,23 @@ import logging
 from transformers import HfArgumentParser, Trainer, TrainingArguments, default_data_collator, set_seed
 
 from hf_stability.metrics import classification_metrics
-from hf_stability.recipe import parse_args, setup_logging
-from hf_stability.tasks import ImageDataArguments, ImageModelArguments, build_image_model, load_image_splits
+from hf_stability.studies.image_classification import (
+    ImageDataArguments,
+    ImageModelArguments,
+    build_image_model,
+    load_image_splits,
+)
+from hf_stability.studies.recipe import parse_args, setup_logging
 
 logger = logging.getLogger(__name__)
 
 
+#: What this recipe parses, from a config file or flags (in this order).
+ARGUMENTS = (ImageModelArguments, ImageDataArguments, TrainingArguments)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = HfArgumentParser((ImageModelArguments, ImageDataArguments, TrainingArguments))
-    model_args, data_args, training = parse_args(parser, argv)
+    model_args, data_args, training = parse_args(HfArgumentParser(ARGUMENTS), argv)
     setup_logging(training)
     splits = load_image_splits(data_args)
     set_seed(training.seed)

@@ -25,3 +25,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def analysed_study(tmp_path_factory):
+    """The shared study (helpers.STUDY), trained, analysed (helpers.study_analysis()) and reported,
+    once for the whole session. Read it; copy it (helpers.copy_run) to change anything."""
+    from helpers import study_analysis, study_trainer
+
+    from hf_stability.analysis import analyze_run
+    from hf_stability.report import write_report
+
+    out = tmp_path_factory.mktemp("study") / "run"
+    study_trainer(out).butterfly()
+    analyze_run(out, study_analysis())
+    write_report(out)
+    return out

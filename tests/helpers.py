@@ -97,3 +97,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---- the shared analysed study --------------------------------------------------------------------
+#: The tiny study every test of a finished run reads (tests/conftest.py: ``analysed_study``): the
+#: tiny BERT on real tweets, spawn steps 0 and 4 of 8, two perturbed children and a control each.
+STUDY = dict(spawn_steps=[0, 4], num_children=2, perturbation_scale=0.5, divergence_every=2,
+             base_model="google-bert/bert-base-uncased", dataset_name="cardiffnlp/tweet_eval")
+STUDY_TRAINING = dict(max_steps=8, learning_rate=3e-3, save_strategy="steps", save_steps=4)
+
+
+def study_trainer(out, **stability_overrides) -> StabilityTrainer:
+    """The shared study's trainer on ``out`` (run it to train, resume or rebuild a run there)."""
+    return tiny_trainer(out, StabilityArguments(**{**STUDY, **stability_overrides}), **STUDY_TRAINING)
+
+
+def study_analysis(**overrides):
+    """The arguments the shared study was analysed with (the same again reuse its report)."""
+    from hf_stability.analysis import AnalyzeArguments
+
+    return AnalyzeArguments(**{**dict(train_samples=32, batch_size=16, alphas=3, cpu=True), **overrides})
+
+
+def copy_run(run, tmp_path):
+    """A copy of a run directory that a test may change."""
+    import shutil
+
+    target = tmp_path / "run"
+    shutil.copytree(run, target)
+    return target

@@ -170,11 +170,13 @@ def test_activation_matching_recovers_a_planted_permutation_on_real_tweets(minil
 def test_weight_and_activation_matching_recover_a_planted_permutation_of_a_vit(trained_vit):
     spec, _, permuted = _planted(trained_vit, seed=5)
     found = weight_matching(trained_vit, permuted, spec, device="cpu")
-    assert l2_distance(trained_vit, apply_permutation(permuted, found.permutation, spec)).l2 == pytest.approx(0, abs=1e-6)
+    aligned = apply_permutation(permuted, found.permutation, spec)
+    assert l2_distance(trained_vit, aligned).l2 == pytest.approx(0, abs=1e-6)
     pixels, _ = _images(64, start=320)
     data = [{"pixel_values": p} for p in pixels]
     found = activation_matching(trained_vit, permuted, spec, data, batch_size=32)
-    assert l2_distance(trained_vit, apply_permutation(permuted, found.permutation, spec)).l2 == pytest.approx(0, abs=1e-6)
+    aligned = apply_permutation(permuted, found.permutation, spec)
+    assert l2_distance(trained_vit, aligned).l2 == pytest.approx(0, abs=1e-6)
 
 
 def test_weight_matching_improves_the_objective_and_is_seedable():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port, tiny_bert, tiny_trainer, training_args, tweets
+from helpers import copy_run, free_port, study_trainer, tiny_bert, training_args, tweets
 from torch import nn
 
 from hf_stability import ArchitectureMismatchError, StabilityArguments
@@ -28,7 +28,7 @@ from hf_stability.analysis import (
     linear_cka,
 )
 from hf_stability.analysis.noise_floor import compare_with_floor, within_floor
-from hf_stability.errors import AnalysisDataError, RunDirectoryError
+from hf_stability.errors import AnalysisArgumentsError, AnalysisDataError, RunDirectoryError
 from hf_stability.metrics import load_metric
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -99,10 +99,12 @@ def test_l2_equals_a_direct_torch_sum(models_and_data):
     a, b, _ = models_and_data
     result = l2_distance(a, b, per_layer=True)
     with torch.no_grad():
-        direct = torch.sqrt(sum(((p.double() - b.get_parameter(n).double()) ** 2).sum() for n, p in a.named_parameters()))
+        direct = torch.sqrt(sum(((p.double() - b.get_parameter(n).double()) ** 2).sum()
+                                for n, p in a.named_parameters()))
     assert result.l2 == pytest.approx(float(direct), rel=1e-12)
     assert math.sqrt(sum(v**2 for v in result.per_layer.values())) == pytest.approx(result.l2, rel=1e-12)
-    assert set(result.per_layer) == {"bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1", "bert.pooler", "classifier"}
+    assert set(result.per_layer) == {"bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1", "bert.pooler",
+                                     "classifier"}
     norms = [math.sqrt(sum(float((p.detach().double() ** 2).sum()) for p in m.parameters())) for m in (a, b)]
     assert result.relative == pytest.approx(result.l2 / math.sqrt(norms[0] * norms[1]), rel=1e-12)
 
@@ -155,7 +157,8 @@ def test_disagreement_counts_differing_argmax(models_and_data):
 def test_models_of_different_architectures_are_refused_naming_the_tensor(models_and_data):
     a, _, data = models_and_data
     wider = tiny_bert(0, intermediate_size=48)
-    with pytest.raises(ArchitectureMismatchError, match=r"bert\.encoder\.layer\.0\.intermediate\.dense\.weight.*\(64, 32\).*\(48, 32\)"):
+    message = r"bert\.encoder\.layer\.0\.intermediate\.dense\.weight.*\(64, 32\).*\(48, 32\)"
+    with pytest.raises(ArchitectureMismatchError, match=message):
         l2_distance(a, wider)
     with pytest.raises(ArchitectureMismatchError, match="missing"):
         barrier(a, tiny_bert(0, num_hidden_layers=3), data)
@@ -169,17 +172,10 @@ def test_empty_or_unlabelled_data_is_refused(models_and_data):
         barrier(a, a, data.dataset.remove_columns("label"))
 
 
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    stability = StabilityArguments(spawn_steps=[0, 4], num_children=2, perturbation_scale=0.5, divergence_every=4)
-    tiny_trainer(out, stability, max_steps=8, learning_rate=3e-3).butterfly()
-    return out
-
-
-def test_analyze_run_writes_a_report_with_every_child_and_the_floor(small_run):
-    report = analyze_run(small_run, AnalyzeArguments(train_samples=32, batch_size=16, pairs="all", cpu=True))
-    saved = json.loads((small_run / "analysis" / "report.json").read_text())
+def test_analyze_run_writes_a_report_with_every_child_and_the_floor(analysed_study, tmp_path):
+    run = copy_run(analysed_study, tmp_path)
+    report = analyze_run(run, AnalyzeArguments(train_samples=32, batch_size=16, pairs="all", cpu=True))
+    saved = json.loads((run / "analysis" / "report.json").read_text())
     assert saved["schema_version"] == 4 and saved["settings"]["eval_samples"] == 64
     assert saved["settings"]["alignment"]["method"] == "weight"
     assert saved["settings"]["alignment"]["architecture"].startswith("BertForSequenceClassification")
@@ -198,10 +194,12 @@ def test_analyze_run_writes_a_report_with_every_child_and_the_floor(small_run):
             assert aligned["barriers"]["eval"]["loss"]["barrier"] == pytest.approx(0.0, abs=1e-12)
             assert pair["noise_floor"] is None
         elif pair["kind"] == "parent-child":
-            assert pair["l2"]["l2"] > 0 and pair["amplification"] == pytest.approx(pair["l2"]["l2"] / pair["perturbation_l2"])
+            assert pair["l2"]["l2"] > 0
+            assert pair["amplification"] == pytest.approx(pair["l2"]["l2"] / pair["perturbation_l2"])
             # on a CPU the floor is exactly 0, so a child that moved is beyond it
             floor = pair["noise_floor"]
-            assert floor["factor"] == 2.0 and floor["figures"]["l2"] == {"value": pair["l2"]["l2"], "floor": 0.0, "within": False}
+            assert floor["factor"] == 2.0
+            assert floor["figures"]["l2"] == {"value": pair["l2"]["l2"], "floor": 0.0, "within": False}
             assert floor["indistinguishable"] is False
         else:
             assert pair["noise_floor"] is None
@@ -209,42 +207,42 @@ def test_analyze_run_writes_a_report_with_every_child_and_the_floor(small_run):
     assert summary[0]["num_children"] == 2 and summary[0]["control"]["l2"] == 0.0
     assert summary[0]["control"]["aligned_loss_barrier_eval"] == pytest.approx(0.0, abs=1e-12)
     assert summary[0]["children"]["aligned_l2"]["n"] == 2
-    l2s = [p["l2"]["l2"] for p in saved["pairs"] if p["spawn_step"] == 0 and p["kind"] == "parent-child" and not p["is_control"]]
+    l2s = [p["l2"]["l2"] for p in saved["pairs"]
+           if p["spawn_step"] == 0 and p["kind"] == "parent-child" and not p["is_control"]]
     assert summary[0]["children"]["l2"]["mean"] == pytest.approx(sum(l2s) / 2)
-    assert report["summary"] == saved["summary"]
+    assert report.to_dict()["summary"] == saved["summary"]  # the returned Report is what was written
+    assert report.summary[0].children["l2"].mean == summary[0]["children"]["l2"]["mean"]
     assert all(row["indistinguishable_from_floor"] == 0 for row in saved["summary"])
     perturbation = {(d["spawn_step"], d["child"]): d["perturbation_l2"] for d in saved["divergence"]}
     assert perturbation[(0, 0)] == 0.0 and perturbation[(0, 1)] > 0
 
 
-def test_an_analysis_is_reused_until_its_arguments_or_models_change(small_run, tmp_path, caplog):
-    run = tmp_path / "run"
-    shutil.copytree(small_run, run)
+def test_an_analysis_is_reused_until_its_arguments_or_models_change(analysed_study, tmp_path, caplog):
+    run = copy_run(analysed_study, tmp_path)
     shutil.rmtree(run / "children" / "t4" / "c2")  # not trained yet
     args = AnalyzeArguments(train_samples=16, batch_size=16, alphas=3, alignment="none", cpu=True)
     first = analyze_run(run, args)
     path = run / "analysis" / "report.json"
-    assert first["inputs"]["arguments"]["alphas"] == 3 and "reanalyze" not in first["inputs"]["arguments"]
-    assert len(first["pairs"]) == 5
+    assert first.inputs["arguments"]["alphas"] == 3 and "reanalyze" not in first.inputs["arguments"]
+    assert len(first.pairs) == 5
     written = path.stat().st_mtime_ns
     with caplog.at_level("INFO", logger="hf_stability.analysis.runner"):
         assert analyze_run(run, args) == first and path.stat().st_mtime_ns == written  # reused, not rewritten
     assert "Measured 0 pair(s); reused 5" in caplog.text
     other = analyze_run(run, dataclasses.replace(args, alphas=4))  # other arguments: measured again
-    assert other["settings"]["alphas"] == 4 and path.stat().st_mtime_ns > written
+    assert other.settings.alphas == 4 and path.stat().st_mtime_ns > written
     written = path.stat().st_mtime_ns
     again = analyze_run(run, dataclasses.replace(args, alphas=4, reanalyze=True))
-    assert again["pairs"] == other["pairs"]
+    assert again.pairs == other.pairs
     # the missing child trains: only its pair is measured, the others are reused
-    tiny_trainer(run, StabilityArguments(spawn_steps=[0, 4], num_children=2, perturbation_scale=0.5,
-                                         divergence_every=4), max_steps=8, learning_rate=3e-3).butterfly()
+    study_trainer(run).butterfly()
     caplog.clear()
     with caplog.at_level("INFO", logger="hf_stability.analysis.runner"):
         last = analyze_run(run, dataclasses.replace(args, alphas=4))
     assert "Measured 1 pair(s); reused 5" in caplog.text
-    assert len(last["pairs"]) == 6 and [p for p in last["pairs"] if p["b"] != "t4/c2"] == other["pairs"]
+    assert len(last.pairs) == 6 and [p for p in last.pairs if p.b != "t4/c2"] == other.pairs
     fresh = analyze_run(run, dataclasses.replace(args, alphas=4, reanalyze=True))
-    assert fresh["pairs"] == last["pairs"] and fresh["summary"] == last["summary"]
+    assert fresh.pairs == last.pairs and fresh.summary == last.summary
 
 
 def test_a_child_within_twice_the_floor_on_every_figure_is_indistinguishable_from_it():
@@ -262,22 +260,20 @@ def test_a_child_within_twice_the_floor_on_every_figure_is_indistinguishable_fro
     assert compare_with_floor({"l2": None}, {"l2": None})["indistinguishable"] is False
 
 
-def test_analyze_run_records_activation_matching_or_no_alignment(small_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(small_run, run)
+def test_analyze_run_records_activation_matching_or_no_alignment(analysed_study, tmp_path):
+    run = copy_run(analysed_study, tmp_path)
     report = analyze_run(run, AnalyzeArguments(train_samples=32, batch_size=16, alignment="activation",
                                                alignment_samples=24, cpu=True))
-    assert report["settings"]["alignment"] == {
-        "method": "activation", "seed": None, "samples": 24, "architecture": report["settings"]["alignment"]["architecture"]
-    }
-    for pair in report["pairs"]:
-        assert pair["aligned"]["method"] == "activation" and pair["aligned"]["iterations"] is None
-        if pair["is_control"]:  # identical models: every unit correlates best with itself
-            assert pair["aligned"]["units_moved"] == 0
+    alignment = report.settings.alignment
+    assert (alignment.method, alignment.seed, alignment.samples) == ("activation", None, 24)
+    for pair in report.pairs:
+        assert pair.aligned.method == "activation" and pair.aligned.iterations is None
+        if pair.is_control:  # identical models: every unit correlates best with itself
+            assert pair.aligned.units_moved == 0
     plain = analyze_run(run, AnalyzeArguments(train_samples=0, batch_size=16, alignment="none", cpu=True))
-    assert all(pair["aligned"] is None for pair in plain["pairs"])
-    assert "aligned_l2" not in plain["summary"][0]["children"]
-    with pytest.raises(AnalysisDataError, match="Unknown alignment 'greedy'"):
+    assert all(pair.aligned is None for pair in plain.pairs)
+    assert "aligned_l2" not in plain.summary[0].children
+    with pytest.raises(AnalysisArgumentsError, match="Unknown alignment 'greedy': choose one of weight"):
         AnalyzeArguments(alignment="greedy")
 
 
@@ -292,10 +288,11 @@ def _floats(x, path=""):
         yield path, x
 
 
-def test_two_processes_give_the_numbers_of_one(small_run, tmp_path):
-    one = analyze_run(small_run, AnalyzeArguments(train_samples=48, batch_size=16, pairs="all", pooling="mean", cpu=True))
+def test_two_processes_give_the_numbers_of_one(analysed_study, tmp_path):
+    one = analyze_run(copy_run(analysed_study, tmp_path / "one"),
+                      AnalyzeArguments(train_samples=48, batch_size=16, pairs="all", pooling="mean", cpu=True))
     copy = tmp_path / "run"
-    shutil.copytree(small_run, copy)
+    shutil.copytree(analysed_study, copy)
     shutil.rmtree(copy / "analysis")  # (else the same arguments would reuse the report of one process)
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -304,19 +301,19 @@ def test_two_processes_give_the_numbers_of_one(small_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     two = json.loads((copy / "analysis" / "report.json").read_text())
     assert two["settings"]["num_processes"] == 2
-    a, b = dict(_floats(one["pairs"])), dict(_floats(two["pairs"]))
+    a, b = dict(_floats(one.to_dict()["pairs"])), dict(_floats(two["pairs"]))
     assert a.keys() == b.keys() and len(a) > 100 and any(".aligned.barriers" in key for key in a)
     for key, value in a.items():
         assert b[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
 
 
-def test_missing_or_corrupt_weights_give_a_clear_error(small_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(small_run, run)
+def test_missing_or_corrupt_weights_give_a_clear_error(analysed_study, tmp_path):
+    run = copy_run(analysed_study, tmp_path)
     weights = run / "children" / "t4" / "c1" / "final" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     remedy = r"Delete .*children/t4/c1 and run the study again: it trains that child alone again"
-    with pytest.raises(RunDirectoryError, match=r"has 1000 bytes, \d+ were written: the file was truncated .*" + remedy):
+    truncated = r"has 1000 bytes, \d+ were written: the file was truncated .*"
+    with pytest.raises(RunDirectoryError, match=truncated + remedy):
         analyze_run(run, AnalyzeArguments(train_samples=0, cpu=True))
     weights.unlink()
     with pytest.raises(RunDirectoryError, match=r"model\.safetensors is missing \(its run recorded it in .*" + remedy):
@@ -325,16 +322,17 @@ def test_missing_or_corrupt_weights_give_a_clear_error(small_run, tmp_path):
         analyze_run(tmp_path / "nothing", AnalyzeArguments(cpu=True))
 
 
-def test_analyze_command_prints_the_summary_and_the_report_path(small_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(small_run, run)
+def test_analyze_command_prints_the_summary_and_the_report_path(analysed_study, tmp_path):
+    run = copy_run(analysed_study, tmp_path)
     command = [sys.executable, "-m", "hf_stability.cli", "analyze", str(run), "--train_samples", "16", "--cpu"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "loss barrier" in result.stdout and "control" in result.stdout and " +- " in result.stdout
     assert f"Report: {run / 'analysis' / 'report.json'}" in result.stdout
     bad = subprocess.run(command[:5] + ["--pairs", "everything"], capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 1 and "Unknown pairs 'everything'" in bad.stderr
+    # a choice is an enum: argparse's usage error names the choices
+    assert bad.returncode == 2
+    assert "invalid choice: 'everything' (choose from 'parent-child', 'child-child', 'all')" in bad.stderr
 
 
 def test_measures_work_for_a_transformers_vit_on_fashion_mnist():
@@ -385,7 +383,7 @@ def test_a_run_that_pads_with_a_tokenizer_it_did_not_save_in_final_is_analysed(t
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "manifest.json"):
         (out / "parent" / "final" / name).unlink(missing_ok=True)  # as if saved without them (no manifest either)
     report = analyze_run(out, AnalyzeArguments(train_samples=0, alphas=3, alignment="none", cpu=True))
-    assert report["settings"]["eval_samples"] == 48
+    assert report.settings.eval_samples == 48
     shutil.rmtree(out / "data" / "tokenizer")  # a run of an earlier version
     (out / "data" / "manifest.json").unlink()
     with pytest.raises(RunDirectoryError, match=r"pads its batches, but .*final holds no tokenizer.*collate_fn="):

@@ -67,18 +67,22 @@ def test_recipe_config_parses_into_the_three_argument_dataclasses():
     from transformers import HfArgumentParser, TrainingArguments
 
     from hf_stability import StabilityArguments
-    from hf_stability.tasks import TextClassificationArguments
+    from hf_stability.studies.recipe import RecipeAnalysisArguments
+    from hf_stability.studies.text_classification import TextDataArguments, TextModelArguments
 
-    parser = HfArgumentParser((TextClassificationArguments, StabilityArguments, TrainingArguments))
-    task, stability, training = parser.parse_json_file(str(ROOT / "recipes" / "configs" / "minilm_tweets.json"))
-    assert task.dataset == "tweets" and stability.spawn_steps == [0, 25, 100, 250]
+    parser = HfArgumentParser((TextModelArguments, TextDataArguments, StabilityArguments, RecipeAnalysisArguments,
+                               TrainingArguments))
+    _, data, stability, _, training = parser.parse_json_file(str(ROOT / "recipes" / "configs" / "minilm_tweets.json"))
+    assert data.dataset == "tweets" and stability.spawn_steps == [0, 25, 100, 250]
     assert max(stability.spawn_steps) < training.max_steps
 
 
-@pytest.mark.parametrize("command, unknown", [(["analyze", "RUN", "--alphas", "3", "--frobnicate", "1"], "--frobnicate 1"),
-                                              (["push", "RUN", "--repo-id", "me/x", "--bogus"], "--bogus"),
-                                              (["train", "--output_dir", "RUN", "--frobnicate", "1"], "--frobnicate 1"),
-                                              (["demo", "--output_dir", "RUN", "--sizes", "small"], "--sizes small")])
+@pytest.mark.parametrize("command, unknown", [
+    (["analyze", "RUN", "--alphas", "3", "--frobnicate", "1"], "--frobnicate 1"),
+    (["push", "RUN", "--repo-id", "me/x", "--bogus"], "--bogus"),
+    (["train", "--output_dir", "RUN", "--frobnicate", "1"], "--frobnicate 1"),
+    (["demo", "--output_dir", "RUN", "--sizes", "small"], "--sizes small"),
+])
 def test_an_unknown_flag_is_a_usage_error_not_a_traceback(tmp_path, capsys, command, unknown):
     with pytest.raises(SystemExit) as stopped:
         main([str(tmp_path / "run") if word == "RUN" else word for word in command])

@@ -6,21 +6,21 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import tiny_trainer
+from helpers import copy_run, study_analysis, study_trainer
 
-from hf_stability import StabilityArguments
-from hf_stability.analysis import AnalyzeArguments, analyze_run
+from hf_stability.analysis import analyze_run
 from hf_stability.errors import ReportError, RunDirectoryError
 from hf_stability.report import write_report
 
-STUDY = dict(spawn_steps=[0, 3], num_children=1, perturbation_scale=0.5, divergence_every=3)
-ANALYSIS = AnalyzeArguments(train_samples=16, batch_size=16, alphas=3, alignment="none", cpu=True)
-CHILD = "children/t3/c1"
-CHILD0 = "children/t0/c1"  # its record has three lines (steps 0, 3, 6)
-CHILD_REMEDY = rf"Delete .*{CHILD} and run the study again: it trains that child alone again from the parent's checkpoint-3"
+ANALYSIS = study_analysis()  # the arguments the shared study's report was made with
+CHILD = "children/t4/c1"
+CHILD0 = "children/t0/c1"  # its record has five lines (steps 0, 2, 4, 6, 8)
+CHILD_REMEDY = (rf"Delete .*{CHILD} and run the study again: it trains that child alone again from the parent's "
+                r"checkpoint-4")
 PARENT_REMEDY = r"Restore .*parent/final from a copy of the run"
 CHILD0_REMEDY = rf"Delete .*{CHILD0} and run the study again"
 DAMAGED = r"(does not match the checksum its run recorded|has \d+ bytes, \d+ were written)"
@@ -28,23 +28,16 @@ DATA_REMEDY = r"The saved data of .*data is damaged: restore that folder .* eval
 CONFIG_REMEDY = r"Run the study again with the arguments its models were trained with"
 
 
-def _study(out: Path):
-    return tiny_trainer(out, StabilityArguments(**STUDY), max_steps=6, save_strategy="steps", save_steps=3)
+@pytest.fixture
+def run(analysed_study, tmp_path):
+    return copy_run(analysed_study, tmp_path)
 
 
 @pytest.fixture(scope="module")
-def analysed(tmp_path_factory):
-    out = tmp_path_factory.mktemp("corruption") / "run"
-    _study(out).butterfly()
-    report = analyze_run(out, ANALYSIS)
-    return out, report
+def analysed(analysed_study):
+    from hf_stability.report import load_report
 
-
-@pytest.fixture
-def run(analysed, tmp_path):
-    target = tmp_path / "run"
-    shutil.copytree(analysed[0], target)
-    return target
+    return analysed_study, load_report(analysed_study)
 
 
 def _flip(path: Path, count: int = 100) -> None:
@@ -65,7 +58,8 @@ def _drop_manifests(run: Path) -> None:
 CASES = {
     # name: (file, how, error that names it, remedy)
     "child weights, 100 bytes flipped": (f"{CHILD}/final/model.safetensors", "flip",
-                                         r"model\.safetensors does not match the checksum its run recorded", CHILD_REMEDY),
+                                         r"model\.safetensors does not match the checksum its run recorded",
+                                         CHILD_REMEDY),
     "child weights truncated": (f"{CHILD}/final/model.safetensors", "truncate",
                                 r"model\.safetensors has 1000 bytes, \d+ were written", CHILD_REMEDY),
     "child config": (f"{CHILD}/final/config.json", "garbage", r"config\.json " + DAMAGED, CHILD_REMEDY),
@@ -76,12 +70,14 @@ CASES = {
                                       CHILD_REMEDY),
     "child manifest": (f"{CHILD}/final/manifest.json", "garbage", r"manifest\.json is not valid JSON", CHILD_REMEDY),
     "parent weights, 100 bytes flipped": ("parent/final/model.safetensors", "flip",
-                                          r"parent/final/model\.safetensors does not match the checksum", PARENT_REMEDY),
+                                          r"parent/final/model\.safetensors does not match the checksum",
+                                          PARENT_REMEDY),
     "saved eval data": ("data/eval/data-00000-of-00001.arrow", "flip", r"\.arrow does not match the checksum",
                         DATA_REMEDY),
     "saved data state": ("data/eval/state.json", "garbage", r"state\.json " + DAMAGED, DATA_REMEDY),
     "collator record": ("data/collator.json", "garbage", r"collator\.json " + DAMAGED, DATA_REMEDY),
-    "config, not JSON": ("stability_config.json", "garbage", r"stability_config\.json is not valid JSON", CONFIG_REMEDY),
+    "config, not JSON": ("stability_config.json", "garbage", r"stability_config\.json is not valid JSON",
+                         CONFIG_REMEDY),
     "config, not UTF-8": ("stability_config.json", "latin-1", r"stability_config\.json is not UTF-8", CONFIG_REMEDY),
     "config, a field edited": ("stability_config.json", "edit", r"the field 'spawn_steps' holds '\[0, 2\]', not what "
                                r"the run's fingerprinted identity says", CONFIG_REMEDY),
@@ -103,7 +99,7 @@ def _damage(path: Path, how: str) -> None:
         path.write_text("\n".join(lines) + "\n")
     elif how == "edit":
         config = json.loads(path.read_text())
-        config["spawn_steps"] = [0, 2]
+        config["spawn_steps"] = [0, 2]  # the study's are [0, 4]
         path.write_text(json.dumps(config))
 
 
@@ -118,8 +114,8 @@ def test_damage_is_caught_naming_the_file_and_its_remedy_even_where_a_report_exi
 
 @pytest.mark.parametrize("how, error", [
     ("bad line", r"divergence\.jsonl line 2 is no \{\"step\", \"l2\"\} record"),
-    ("torn", r"divergence\.jsonl line 3 is no \{\"step\", \"l2\"\} record"),
-    ("repeat", r"divergence\.jsonl line 3 repeats or goes back to step 3 \(after step 3\)"),
+    ("torn", r"divergence\.jsonl line 5 is no \{\"step\", \"l2\"\} record"),
+    ("repeat", r"divergence\.jsonl line 3 repeats or goes back to step 2 \(after step 2\)"),
 ])
 def test_a_finished_childs_record_is_read_strictly_without_a_manifest(run, how, error):
     _drop_manifests(run)
@@ -157,14 +153,15 @@ def test_a_damaged_child_is_retrained_alone_and_the_analysis_comes_back(run, ana
         analyze_run(run, ANALYSIS)
     others = {p: p.stat().st_mtime_ns for p in run.glob("children/*/*/final/model.safetensors") if CHILD not in str(p)}
     shutil.rmtree(run / CHILD)  # the remedy, as the message says
-    _study(run).butterfly()
+    study_trainer(run).butterfly()
     assert {p: p.stat().st_mtime_ns for p in others} == others  # the others were not trained again
     report = analyze_run(run, ANALYSIS)
-    assert report["pairs"] == analysed[1]["pairs"]  # bitwise the child that was damaged: the same figures
+    # bitwise the child that was damaged: the same figures (its record is shorter, so its pair's inputs differ)
+    assert [replace(p, inputs="") for p in report.pairs] == [replace(p, inputs="") for p in analysed[1].pairs]
     # its record skips the steps whose parent snapshot the finished study did not keep; t and the end are there
     steps = json.loads((run / "analysis/report.json").read_text())["divergence"]
-    record = next(d for d in steps if (d["spawn_step"], d["child"]) == (3, 1))
-    assert record["steps"][0] == 3 and record["steps"][-1] == 6
+    record = next(d for d in steps if (d["spawn_step"], d["child"]) == (4, 1))
+    assert record["steps"] == [4, 8]
 
 
 @pytest.mark.parametrize("how", ["garbage", "edit"])
@@ -173,25 +170,24 @@ def test_a_damaged_config_of_intact_models_is_rebuilt_by_running_the_study_again
     with pytest.raises(RunDirectoryError, match=CONFIG_REMEDY):
         analyze_run(run, ANALYSIS)
     before = {p: p.stat().st_mtime_ns for p in run.glob("**/final/model.safetensors")}
-    _study(run).butterfly()  # the same arguments: the config is written again, nothing is trained
+    study_trainer(run).butterfly()  # the same arguments: the config is written again, nothing is trained
     assert {p: p.stat().st_mtime_ns for p in before} == before
-    assert analyze_run(run, ANALYSIS)["pairs"] == analysed[1]["pairs"]
+    assert analyze_run(run, ANALYSIS).pairs == analysed[1].pairs
     # other arguments than the models were trained with: not rebuilt, the message says why
     _damage(run / "stability_config.json", how)
-    other = tiny_trainer(run, StabilityArguments(**{**STUDY, "perturbation_scale": 0.25}), max_steps=6,
-                         save_strategy="steps", save_steps=3)
+    other = study_trainer(run, perturbation_scale=0.25)
     with pytest.raises(RunDirectoryError, match=r"is damaged .* no manifest of the run records these arguments"):
         other.butterfly()
 
 
 def test_damaged_spawn_checkpoints_no_longer_needed_do_not_stop_a_finished_study(run, analysed):
-    _flip(run / "parent/checkpoint-3/optimizer.pt")
-    assert analyze_run(run, ANALYSIS)["pairs"] == analysed[1]["pairs"]
-    _study(run).butterfly()  # nothing left to train: the damaged checkpoint is not needed
+    _flip(run / "parent/checkpoint-4/optimizer.pt")
+    assert analyze_run(run, ANALYSIS).pairs == analysed[1].pairs
+    study_trainer(run).butterfly()  # nothing left to train: the damaged checkpoint is not needed
     shutil.rmtree(run / CHILD)  # now a child of step 3 must train again: refused, naming the checkpoint
-    with pytest.raises(RunDirectoryError, match=r"checkpoint-3/optimizer\.pt does not match the checksum .* children "
-                                                r"of spawn step 3 that are still to train start from it"):
-        _study(run).butterfly()
+    with pytest.raises(RunDirectoryError, match=r"checkpoint-4/optimizer\.pt does not match the checksum .* children "
+                                                r"of spawn step 4 that are still to train start from it"):
+        study_trainer(run).butterfly()
     assert not (run / CHILD / "final").exists()
 
 
@@ -199,7 +195,7 @@ def test_an_unreadable_report_is_measured_anew_and_the_report_command_names_it(r
     (run / "analysis" / "report.json").write_text('{"schema_version": 4, "pairs": [')
     with pytest.raises(ReportError, match=r"report\.json is not valid JSON"):
         write_report(run)
-    assert analyze_run(run, ANALYSIS)["pairs"] == analysed[1]["pairs"]
+    assert analyze_run(run, ANALYSIS).pairs == analysed[1].pairs
 
 
 @pytest.mark.parametrize("target", ["analysis is a file", "a full disk"])
@@ -230,5 +226,6 @@ def test_a_target_that_cannot_be_written_is_refused_before_any_measure(run, targ
 def test_a_damaged_record_of_a_diverged_child_is_named(run):
     shutil.rmtree(run / CHILD / "final")  # as a child whose loss became NaN: no final/, a diverged.json
     (run / CHILD / "diverged.json").write_bytes(b"\xff\xfe garbage")
-    with pytest.raises(RunDirectoryError, match=r"diverged\.json is not UTF-8 text: the file is damaged.*" + CHILD_REMEDY):
+    damaged = r"diverged\.json is not UTF-8 text: the file is damaged.*"
+    with pytest.raises(RunDirectoryError, match=damaged + CHILD_REMEDY):
         analyze_run(run, ANALYSIS)

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from hf_stability import StabilityArguments
 from hf_stability.errors import HfStabilityError
-from hf_stability.parallel_children import SameMaskDropout, _activation_shape, estimate_bytes, use_eager_attention
+from hf_stability.training.stacked import SameMaskDropout, _activation_shape, estimate_bytes, use_eager_attention
 
 
 def _study(out, parallel, **overrides):
@@ -51,8 +51,9 @@ def test_stacked_children_end_as_sequential_children(tmp_path, overrides):
             assert _relative(alone / f"children/t{t}/c{k}/final", stacked / f"children/t{t}/c{k}/final") < 1e-6
             assert (json.loads((stacked / f"children/t{t}/c{k}/perturbation.json").read_text())
                     == json.loads((alone / f"children/t{t}/c{k}/perturbation.json").read_text()))
-            rows = [json.loads(line) for line in (stacked / f"children/t{t}/c{k}/divergence.jsonl").read_text().splitlines()]
-            expected = [json.loads(line) for line in (alone / f"children/t{t}/c{k}/divergence.jsonl").read_text().splitlines()]
+            record = f"children/t{t}/c{k}/divergence.jsonl"
+            rows = [json.loads(line) for line in (stacked / record).read_text().splitlines()]
+            expected = [json.loads(line) for line in (alone / record).read_text().splitlines()]
             assert [r["step"] for r in rows] == [r["step"] for r in expected]
             # within 1e-6 of the weights' own norm (about 20 here): the control's 0 becomes ~1e-6
             assert [r["l2"] for r in rows] == pytest.approx([r["l2"] for r in expected], rel=1e-6, abs=2e-5)
@@ -106,12 +107,12 @@ def test_same_mask_dropout_draws_the_masks_that_stacked_children_draw():
 
 
 def test_eager_attention_keeps_the_function_of_transformers_and_timm_models():
-    from hf_stability.tasks import ImageModelArguments, build_image_model
+    from hf_stability.studies.image_classification import ImageModelArguments, build_image_model
 
     pixels = torch.randn(2, 1, 28, 28)
     for model_type in ("vit", "timm"):
-        model = build_image_model(ImageModelArguments(model_type=model_type, model_name_or_path="", num_hidden_layers=2),
-                                  num_labels=5).eval()
+        arguments = ImageModelArguments(model_type=model_type, model_name_or_path="", num_hidden_layers=2)
+        model = build_image_model(arguments, num_labels=5).eval()
         if model_type == "timm":
             for module in model.modules():
                 if hasattr(module, "fused_attn"):
@@ -126,7 +127,7 @@ def test_eager_attention_keeps_the_function_of_transformers_and_timm_models():
 def test_memory_estimate_reads_the_shape_of_text_and_vision_transformers():
     from transformers import TrainingArguments
 
-    from hf_stability.tasks import ImageModelArguments, build_image_model
+    from hf_stability.studies.image_classification import ImageModelArguments, build_image_model
 
     args = TrainingArguments(output_dir="unused", per_device_train_batch_size=8, use_cpu=True, report_to="none")
     for model_type in ("vit", "timm"):

@@ -39,7 +39,8 @@ def test_gaussian_changes_only_selected_tensors_by_the_recorded_norm():
             assert count == before[name].numel()
         else:
             assert count == 0, name
-    diff = math.sqrt(sum(float((p.detach().double() - before[n].double()).pow(2).sum()) for n, p in model.named_parameters()))
+    diff = math.sqrt(sum(float((p.detach().double() - before[n].double()).pow(2).sum())
+                         for n, p in model.named_parameters()))
     assert diff == pytest.approx(record.change_l2, rel=1e-12)
     assert record.change_l2 == pytest.approx(record.noise_l2, rel=1e-6)
     assert record.entries_changed == sum(before[n].numel() for n in selected)

@@ -112,7 +112,7 @@ def test_sweep_recipe_collects_every_scale_into_one_report(tmp_path):
     written = {scale: path.stat().st_mtime_ns for scale, path in reports.items()}
     assert "Measured 0 pair(s); reused 2 of the earlier report" in _run(command)
     assert {scale: path.stat().st_mtime_ns for scale, path in reports.items()} == written
-    from hf_stability.recipe import RecipeAnalysisArguments, analyze_and_report
+    from hf_stability.studies.recipe import RecipeAnalysisArguments, analyze_and_report
 
     again = RecipeAnalysisArguments(alignment="none", alphas=3, analysis_train_subset=0, reanalyze=True)
     analyze_and_report(reports["0.1"].parents[1], again)
@@ -125,13 +125,31 @@ def test_sweep_recipe_collects_every_scale_into_one_report(tmp_path):
     ("pretrain_vit.py", "vit_fmnist_pretrain.json"),
     ("butterfly_image_classification.py", "vit_fmnist_finetune.json"),
 ])
-def test_every_key_of_a_recipe_config_is_a_flag_of_its_recipe(script, config):
-    """(A GPU config sets bf16, which a CPU refuses to parse: its keys are checked against --help.)"""
-    data = json.loads((RECIPES / "configs" / config).read_text())
-    out = _run([sys.executable, "-c", f"import sys, runpy; sys.argv = ['{script}', '--help']; "
-                f"runpy.run_path('{RECIPES / script}', run_name='__main__')"])
-    flags = {f"--{key}" for key in data}
-    assert all(flag in out for flag in flags), sorted(f for f in flags if f not in out)
+def test_every_key_of_a_recipe_config_is_a_field_of_its_recipe_and_parses(script, config):
+    """Each key names a field of one of the recipe's argument dataclasses, and every dataclass takes
+    its keys' values (TrainingArguments without the precision flags, which a CPU refuses)."""
+    import dataclasses
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), RECIPES / script)
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = recipe  # (dataclasses resolve a module's annotations through sys.modules)
+    try:
+        spec.loader.exec_module(recipe)
+    finally:
+        del sys.modules[spec.name]
+    values = json.loads((RECIPES / "configs" / config).read_text())
+    owners = {f.name: cls for cls in recipe.ARGUMENTS for f in dataclasses.fields(cls) if f.init}
+    assert not sorted(set(values) - set(owners)), f"{config}: keys that are no option of {script}"
+    for cls in recipe.ARGUMENTS:
+        mine = {k: v for k, v in values.items() if owners[k] is cls}
+        if cls.__name__ == "TrainingArguments":
+            mine = {k: v for k, v in mine.items() if k not in ("bf16", "fp16", "tf32")}
+            mine.setdefault("output_dir", "unused")
+        parsed = cls(**mine)
+        if cls.__module__.startswith(("hf_stability", "butterfly_sweep")):  # ours keep a value as given
+            for key, value in mine.items():  # (an enum member equals its string)
+                assert getattr(parsed, key) == value, (config, key)
 
 
 def test_a_config_file_with_flags_after_it_and_a_random_init_text_model(tmp_path):
@@ -160,7 +178,7 @@ def test_config_files_that_cannot_be_read_are_refused_with_what_to_do(tmp_path):
 
     from hf_stability import StabilityArguments
     from hf_stability.errors import HfStabilityError
-    from hf_stability.recipe import parse_args
+    from hf_stability.studies.recipe import parse_args
 
     parser = HfArgumentParser((StabilityArguments, TrainingArguments))
     with pytest.raises(HfStabilityError, match=r"does not exist: give the path of a JSON or YAML file"):

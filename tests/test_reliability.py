@@ -14,59 +14,40 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import tiny_trainer
+from helpers import copy_run, study_trainer
 
 from hf_stability import StabilityArguments
 from hf_stability.analysis import AnalyzeArguments, analyze_run
 from hf_stability.errors import HfStabilityError, NoMatchingParametersError, RunDirectoryError
 from hf_stability.report import write_report
 from hf_stability.run_directory import RunDirectory
-from hf_stability.tasks import TextClassificationArguments
-from hf_stability.tasks.text_classification import _card_metadata
+from hf_stability.studies.text_classification import TextDataArguments, TextModelArguments, _card_metadata
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_stability"
-STUDY = dict(spawn_steps=[0, 3], num_children=1, perturbation_scale=0.5, divergence_every=3)
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    tiny_trainer(out, StabilityArguments(**STUDY), max_steps=6, save_strategy="steps", save_steps=3).butterfly()
-    analyze_run(out, AnalyzeArguments(train_samples=16, batch_size=16, alphas=3, cpu=True))
-    write_report(out)
-    return out
-
-
-def _copy(run: Path, tmp_path: Path) -> Path:
-    target = tmp_path / "run"
-    shutil.copytree(run, target)
-    return target
-
-
-def test_a_run_directory_of_another_format_version_is_refused_with_what_to_do(finished_run, tmp_path):
-    run = _copy(finished_run, tmp_path)
+def test_a_run_directory_of_another_format_version_is_refused_with_what_to_do(analysed_study, tmp_path):
+    run = copy_run(analysed_study, tmp_path)
     config_file = run / "stability_config.json"
     config = json.loads(config_file.read_text())
     config["format_version"] = 99
     config_file.write_text(json.dumps(config))
     message = r"format version 99, this hf_stability reads version 1"
     with pytest.raises(RunDirectoryError, match=message + r".*--overwrite_run"):
-        tiny_trainer(run, StabilityArguments(**STUDY), max_steps=6).butterfly()
+        study_trainer(run).butterfly()
     with pytest.raises(RunDirectoryError, match=message):
         analyze_run(run, AnalyzeArguments(cpu=True, reanalyze=True))
     assert json.loads(config_file.read_text())["format_version"] == 99  # refused, not rewritten
 
 
-def test_a_spawn_checkpoint_without_its_rng_state_is_refused_naming_the_file(finished_run, tmp_path):
-    run = _copy(finished_run, tmp_path)
+def test_a_spawn_checkpoint_without_its_rng_state_is_refused_naming_the_file(analysed_study, tmp_path):
+    run = copy_run(analysed_study, tmp_path)
     directory = RunDirectory(run)
-    shutil.rmtree(directory.child_dir(3, 1))  # child 1 of step 3 still has to train
-    rng = directory.parent_checkpoint(3) / "rng_state.pth"
+    shutil.rmtree(directory.child_dir(4, 1))  # child 1 of step 4 still has to train
+    rng = directory.parent_checkpoint(4) / "rng_state.pth"
     assert rng.is_file()
     rng.unlink()
-    with pytest.raises(RunDirectoryError, match=r"checkpoint-3 .*no RNG state \(rng_state\.pth\).*--overwrite_run"):
-        tiny_trainer(run, StabilityArguments(**STUDY), max_steps=6, save_strategy="steps", save_steps=3).butterfly()
-    assert not directory.child_final(3, 1).exists()
+    with pytest.raises(RunDirectoryError, match=r"checkpoint-4 .*no RNG state \(rng_state\.pth\).*--overwrite_run"):
+        study_trainer(run).butterfly()
+    assert not directory.child_final(4, 1).exists()
 
 
 def _calls(tree: ast.AST, dotted: str) -> list[ast.Call]:
@@ -78,7 +59,7 @@ def _calls(tree: ast.AST, dotted: str) -> list[ast.Call]:
     return [n for n in ast.walk(tree) if isinstance(n, ast.Call) and name(n.func) == dotted]
 
 
-def test_nothing_is_unpickled_and_final_models_hold_no_pickle(finished_run):
+def test_nothing_is_unpickled_and_final_models_hold_no_pickle(analysed_study):
     for source in PACKAGE.rglob("*.py"):
         tree = ast.parse(source.read_text(encoding="utf-8"))
         for call in _calls(tree, "torch.load"):
@@ -86,47 +67,46 @@ def test_nothing_is_unpickled_and_final_models_hold_no_pickle(finished_run):
             assert safe and safe[0].value.value is True, f"{source}:{call.lineno}: torch.load without weights_only=True"
         for unsafe in ("pickle.load", "pickle.loads", "dill.load", "dill.loads", "joblib.load"):
             assert not _calls(tree, unsafe), f"{source} calls {unsafe}"
-    finals = [finished_run / "parent" / "final", *finished_run.glob("children/t*/c*/final")]
-    assert len(finals) == 5
+    finals = [analysed_study / "parent" / "final", *analysed_study.glob("children/t*/c*/final")]
+    assert len(finals) == 7
     for final in finals:
         names = {p.name for p in final.iterdir()}
         assert "model.safetensors" in names
         assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))], final
 
 
-def test_reports_and_cards_name_no_local_path(finished_run):
+def test_reports_and_cards_name_no_local_path(analysed_study):
     home = os.path.expanduser("~")
     for name in ("report.json", "README.md"):
-        text = (finished_run / "analysis" / name).read_text()
-        assert str(finished_run) not in text and str(finished_run.parent) not in text, name
+        text = (analysed_study / "analysis" / name).read_text()
+        assert str(analysed_study) not in text and str(analysed_study.parent) not in text, name
         assert not re.search(r"(^|[\s\"'(=])(/tmp/|/home/|/root/|/Users/|[A-Za-z]:\\)", text), name
         assert home == "/" or home not in text, name
     # a local model or dataset path never becomes the card's base_model or dataset name
-    local = TextClassificationArguments(model_name_or_path=str(finished_run / "parent" / "final"),
-                                        dataset=str(finished_run / "data"))
-    metadata = _card_metadata(local, StabilityArguments())
+    metadata = _card_metadata(TextModelArguments(model_name_or_path=str(analysed_study / "parent" / "final")),
+                              TextDataArguments(dataset=str(analysed_study / "data")), StabilityArguments())
     assert metadata.base_model is None and metadata.dataset_name is None
 
 
 # ---- a killed run's leftovers -----------------------------------------------------------------
 
-def test_a_killed_runs_temporaries_are_removed_when_the_study_runs_again(finished_run, tmp_path):
-    run = _copy(finished_run, tmp_path)
-    planted = [run / "parent" / ".final.tmp", run / "children" / "t3" / "c1" / ".final.tmp",
+def test_a_killed_runs_temporaries_are_removed_when_the_study_runs_again(analysed_study, tmp_path):
+    run = copy_run(analysed_study, tmp_path)
+    planted = [run / "parent" / ".final.tmp", run / "children" / "t4" / "c1" / ".final.tmp",
                run / "children" / "t0" / ".stacked-0-1.tmp", run / ".push-abc123.tmp"]
     for folder in planted:
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"half")
     (run / ".stability_config.json.x1y2.tmp").write_text("{")
     (run / "analysis" / ".report.json.z9.tmp").write_text("{")
-    tiny_trainer(run, StabilityArguments(**STUDY), max_steps=6, save_strategy="steps", save_steps=3).butterfly()
+    study_trainer(run).butterfly()
     assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
 
 
 # ---- crafted or shared run directories ---------------------------------------------------------
 
-def test_analyze_never_runs_code_found_in_a_run_directory(finished_run, tmp_path):
-    run = _copy(finished_run, tmp_path)
+def test_analyze_never_runs_code_found_in_a_run_directory(analysed_study, tmp_path):
+    run = copy_run(analysed_study, tmp_path)
     final = run / "parent" / "final"
     marker = tmp_path / "code-ran"
     (final / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
@@ -146,8 +126,8 @@ def test_analyze_never_runs_code_found_in_a_run_directory(finished_run, tmp_path
 
 
 @pytest.mark.parametrize("command", ["analyze", "report"])
-def test_analysis_and_report_never_write_through_a_link_out_of_the_run(finished_run, tmp_path, command):
-    run = _copy(finished_run, tmp_path)
+def test_analysis_and_report_never_write_through_a_link_out_of_the_run(analysed_study, tmp_path, command):
+    run = copy_run(analysed_study, tmp_path)
     elsewhere = tmp_path / "elsewhere"
     shutil.move(run / "analysis", elsewhere)
     (elsewhere / "README.md").write_text("someone else's file\n")
@@ -163,8 +143,8 @@ def test_analysis_and_report_never_write_through_a_link_out_of_the_run(finished_
 
 @pytest.mark.parametrize("field, value", [("spawn_steps", ["5/../../x"]), ("children", [0, "1"]),
                                           ("max_steps", "6"), ("spawn_steps", [0, 9])])
-def test_a_damaged_stability_config_field_is_refused_naming_it(finished_run, tmp_path, field, value):
-    run = _copy(finished_run, tmp_path)
+def test_a_damaged_stability_config_field_is_refused_naming_it(analysed_study, tmp_path, field, value):
+    run = copy_run(analysed_study, tmp_path)
     config_file = run / "stability_config.json"
     config = json.loads(config_file.read_text())
     config[field] = value
@@ -173,7 +153,7 @@ def test_a_damaged_stability_config_field_is_refused_naming_it(finished_run, tmp
         analyze_run(run, AnalyzeArguments(train_samples=0, cpu=True, reanalyze=True))
     assert not (tmp_path / "x").exists()
     # the study run again with its own arguments rewrites the file (test_corruption.py checks the rest)
-    tiny_trainer(run, StabilityArguments(**STUDY), max_steps=6, save_strategy="steps", save_steps=3).butterfly()
+    study_trainer(run).butterfly()
     assert json.loads(config_file.read_text())[field] != value
 
 

@@ -12,36 +12,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import tiny_trainer
+from helpers import copy_run, study_trainer
 from hub_server import HubServer
 from huggingface_hub import ModelCard
 from PIL import Image
 
-from hf_stability import StabilityArguments
-from hf_stability.analysis import AnalyzeArguments, analyze_run
 from hf_stability.errors import PushError, ReportError
 from hf_stability.report import load_report, push_report, spawn_findings, write_report
 from hf_stability.run_directory import LOCK_NAME
 
 TOKEN = "hf_testTOKEN_5f1d2c9a0b7e"
-
-
-@pytest.fixture(scope="module")
-def analysed_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("report") / "run"
-    stability = StabilityArguments(spawn_steps=[0, 4], num_children=2, perturbation_scale=0.5, divergence_every=2,
-                                   base_model="google-bert/bert-base-uncased", dataset_name="cardiffnlp/tweet_eval")
-    trainer = tiny_trainer(out, stability, max_steps=8, learning_rate=3e-3)
-    trainer.butterfly()
-    analyze_run(out, AnalyzeArguments(train_samples=32, batch_size=16, cpu=True))
-    write_report(out)
-    return out, trainer
-
-
-def _copy(run: Path, tmp_path: Path) -> Path:
-    target = tmp_path / "run"
-    shutil.copytree(run, target)
-    return target
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -50,8 +30,8 @@ def _digests(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK_NAME}
 
 
-def test_report_renders_every_plot_and_a_card_built_from_the_numbers(analysed_run):
-    run, _ = analysed_run
+def test_report_renders_every_plot_and_a_card_built_from_the_numbers(analysed_study):
+    run = analysed_study
     plots = sorted(p.name for p in (run / "analysis" / "plots").glob("*.png"))
     assert plots == ["aligned_vs_unaligned.png", "amplification_vs_spawn_step.png", "barrier_vs_spawn_step.png",
                      "cka_per_layer.png", "divergence.png", "divergence_normalized.png", "metric_along_alpha.png"]
@@ -65,26 +45,26 @@ def test_report_renders_every_plot_and_a_card_built_from_the_numbers(analysed_ru
     assert "hf-stability" in card.data.tags and card.data.pipeline_tag == "text-classification"
     report = load_report(run)
     accuracy = card.data.eval_results[0]
-    assert accuracy.metric_value == pytest.approx(1 - report["parent"]["eval"]["error"], abs=1e-6)
+    assert accuracy.metric_value == pytest.approx(1 - report.parent["eval"].error, abs=1e-6)
     text = card.text
     assert "Gaussian noise of sigma = 0.5 x each tensor's init std, at steps 0 and 4 of 8" in text
     for finding in spawn_findings(report):
         assert f"children spawned at step {finding.spawn_step}" in text
-    control = report["summary"][0]["control"]
+    control = report.summary[0].control
     assert f"| 0 | control (noise floor) | {control['l2']:.4g} |" in text
     for name in plots:
         assert f"(plots/{name})" in text
     assert str(run) not in text  # no local paths in what gets published
     # every perturbed child beside its control, with its amplification; on a CPU the floor is 0
     assert "## Children against the noise floor" in text
-    for pair in (p for p in report["pairs"] if p["kind"] == "parent-child" and not p["is_control"]):
-        row = (f"| {pair['spawn_step']} | {pair['child']} | {pair['l2']['l2']:.4g} (0) | "
-               f"{pair['barriers']['eval']['loss']['barrier']:.4g} (")
-        assert row in text and f"| {pair['amplification']:.4g} | beyond the floor |" in text
+    for pair in (p for p in report.parent_child() if not p.is_control):
+        barrier = pair.barriers["eval"]["loss"].barrier
+        row = f"| {pair.spawn_step} | {pair.child} | {pair.l2.l2:.4g} (0) | {barrier:.4g} ("
+        assert row in text and f"| {pair.amplification:.4g} | beyond the floor |" in text
 
 
-def test_a_child_within_twice_its_floor_is_marked_indistinguishable_in_the_card(analysed_run, tmp_path):
-    run = _copy(analysed_run[0], tmp_path)
+def test_a_child_within_twice_its_floor_is_marked_indistinguishable_in_the_card(analysed_study, tmp_path):
+    run = copy_run(analysed_study, tmp_path)
     path = run / "analysis" / "report.json"
     report = json.loads(path.read_text())
     child = next(p for p in report["pairs"] if p["kind"] == "parent-child" and not p["is_control"])
@@ -100,8 +80,8 @@ def test_a_child_within_twice_its_floor_is_marked_indistinguishable_in_the_card(
     assert text.count("| indistinguishable from the noise floor |") == 1
 
 
-def test_a_separated_spawn_step_is_called_another_basin(analysed_run, tmp_path):
-    run = _copy(analysed_run[0], tmp_path)
+def test_a_separated_spawn_step_is_called_another_basin(analysed_study, tmp_path):
+    run = copy_run(analysed_study, tmp_path)
     path = run / "analysis" / "report.json"
     report = json.loads(path.read_text())
     row = report["summary"][0]
@@ -110,11 +90,12 @@ def test_a_separated_spawn_step_is_called_another_basin(analysed_run, tmp_path):
     path.write_text(json.dumps(report))
     write_report(run)
     text = (run / "analysis" / "README.md").read_text()
-    assert "children spawned at step 0 end in another basin: loss barrier 0.41 +- 0.05 against a noise floor of 0" in text
+    assert ("children spawned at step 0 end in another basin: loss barrier 0.41 +- 0.05 against a noise floor of 0"
+            in text)
 
 
-def test_push_uploads_byte_identical_files_with_the_token_and_never_writes_it(analysed_run, tmp_path):
-    run = _copy(analysed_run[0], tmp_path)
+def test_push_uploads_byte_identical_files_with_the_token_and_never_writes_it(analysed_study, tmp_path):
+    run = copy_run(analysed_study, tmp_path)
     before = _digests(run)
     with HubServer() as hub:
         env = dict(os.environ, HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1",
@@ -152,8 +133,8 @@ def test_push_uploads_byte_identical_files_with_the_token_and_never_writes_it(an
 
 
 @pytest.mark.parametrize("status, message", [(401, "the token was refused"), (500, "the Hub failed on its side")])
-def test_a_refusing_hub_gives_a_clear_error_and_leaves_the_report_untouched(analysed_run, tmp_path, status, message):
-    run = _copy(analysed_run[0], tmp_path)
+def test_a_refusing_hub_gives_a_clear_error_and_leaves_the_report_untouched(analysed_study, tmp_path, status, message):
+    run = copy_run(analysed_study, tmp_path)
     before = _digests(run)
     with HubServer() as hub:
         hub.fail_with = status
@@ -162,16 +143,17 @@ def test_a_refusing_hub_gives_a_clear_error_and_leaves_the_report_untouched(anal
         result = subprocess.run([sys.executable, "-m", "hf_stability.cli", "push", str(run), "--repo_id", "me/study"],
                                 env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
-    assert f"HTTP {status}" in result.stderr and message in result.stderr and "Nothing local was changed" in result.stderr
+    assert f"HTTP {status}" in result.stderr and message in result.stderr
+    assert "Nothing local was changed" in result.stderr
     assert TOKEN not in result.stdout + result.stderr
     assert _digests(run) == before and not list(run.glob(".push-*"))
 
 
 @pytest.mark.parametrize("planted", ["plots/divergence.png", "final/config.json", "plots/"])
-def test_push_uploads_no_link_planted_in_the_run_directory(analysed_run, tmp_path, monkeypatch, planted):
+def test_push_uploads_no_link_planted_in_the_run_directory(analysed_study, tmp_path, monkeypatch, planted):
     """A downloaded run may hold links: to the user's token file, or a folder elsewhere. Push
     refuses them before any request instead of uploading their targets."""
-    run = _copy(analysed_run[0], tmp_path)
+    run = copy_run(analysed_study, tmp_path)
     secret = tmp_path / "hf_home" / "token"
     secret.parent.mkdir()
     secret.write_text(TOKEN)
@@ -193,8 +175,8 @@ def test_push_uploads_no_link_planted_in_the_run_directory(analysed_run, tmp_pat
     assert not list(run.glob(".push-*"))
 
 
-def test_invalid_repo_id_or_missing_token_is_refused_before_any_request(analysed_run, monkeypatch):
-    run, _ = analysed_run
+def test_invalid_repo_id_or_missing_token_is_refused_before_any_request(analysed_study, monkeypatch):
+    run = analysed_study
     with HubServer() as hub:
         with pytest.raises(PushError, match="Invalid repo id 'a/b/c'"):
             push_report(run, "a/b/c", endpoint=hub.url)
@@ -205,8 +187,8 @@ def test_invalid_repo_id_or_missing_token_is_refused_before_any_request(analysed
     assert hub.requests == []
 
 
-def test_bad_reports_give_errors_that_say_what_to_run(analysed_run, tmp_path):
-    run = _copy(analysed_run[0], tmp_path)
+def test_bad_reports_give_errors_that_say_what_to_run(analysed_study, tmp_path):
+    run = copy_run(analysed_study, tmp_path)
     path = run / "analysis" / "report.json"
     good = json.loads(path.read_text())
     path.write_text(json.dumps({**good, "schema_version": 99}))
@@ -234,8 +216,9 @@ def test_bad_reports_give_errors_that_say_what_to_run(analysed_run, tmp_path):
         push_report(run, "me/study")
 
 
-def test_stability_trainer_model_card_gets_the_stability_section(analysed_run):
-    run, trainer = analysed_run
+def test_stability_trainer_model_card_gets_the_stability_section(analysed_study, tmp_path):
+    run = copy_run(analysed_study, tmp_path)
+    trainer = study_trainer(run)  # the study's trainer (push_to_hub writes this card)
     trainer.create_model_card(license="apache-2.0", model_name="tiny-study")
     card = ModelCard.load(run / "README.md")
     assert "## Training stability (hf_stability)" in card.text

@@ -19,13 +19,18 @@ from hf_stability import (
     RunConfigMismatchError,
     SpawnStepError,
     StabilityArguments,
+    StabilityMixin,
     StabilityTrainer,
 )
 from hf_stability.analysis import AnalyzeArguments, analyze_run
-from hf_stability.divergence import LOG_KEY
 from hf_stability.errors import RunInUseError
 from hf_stability.report import write_report
-from hf_stability.tasks import TextClassificationArguments, build_text_classification_trainer
+from hf_stability.studies.text_classification import (
+    TextDataArguments,
+    TextModelArguments,
+    build_text_classification_trainer,
+)
+from hf_stability.training.callbacks import LOG_KEY
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -52,10 +57,10 @@ def minilm_runs(tmp_path_factory):
     """Two identical butterfly studies of the packaged MiniLM (pretrained BERT, seeded new head)."""
     runs = []
     for name in ("a", "b"):
-        task = TextClassificationArguments(max_train_samples=64, max_eval_samples=32, max_length=24)
+        data = TextDataArguments(max_train_samples=64, max_eval_samples=32, max_length=24)
         stability = StabilityArguments(spawn_steps=[0, 2], num_children=1, divergence_every=2)
         training = training_args(tmp_path_factory.mktemp(name), max_steps=5, learning_rate=5e-5)
-        runs.append(build_text_classification_trainer(task, stability, training).butterfly())
+        runs.append(build_text_classification_trainer(TextModelArguments(), data, stability, training).butterfly())
     return runs
 
 
@@ -93,7 +98,9 @@ def test_run_directory_follows_the_contract(tmp_path):
     assert config["perturbations"]["t5"]["c0"]["kind"] == "none"
     assert (run / "parent" / "checkpoint-0" / "trainer_state.json").is_file()
     assert (run / "parent" / "checkpoint-5" / "optimizer.pt").is_file()
-    assert not (run / "parent" / "trajectory").exists()
+    # a finished study keeps the parent's snapshots at its spawn steps after 0 and its last step (for retraining)
+    assert sorted(p.name for p in (run / "parent" / "trajectory").iterdir()) == ["step-12.safetensors",
+                                                                                  "step-5.safetensors"]
     for t in (0, 5):
         for k in (0, 1, 2):
             child = run / "children" / f"t{t}" / f"c{k}"
@@ -155,7 +162,8 @@ def uninterrupted(tmp_path_factory):
 KILL_POINTS = [
     ("linear", "parent", 2), ("linear", "parent", 7),     # during the parent (before and after a spawn checkpoint)
     ("linear", "children/t5/c0", "begin"),              # between children: t0's are complete, t5's not begun
-    ("linear", "children/t0/c2", 6), ("linear", "children/t5/c1", 9),  # during a child (with, without its own checkpoint)
+    # during a child (with, without its own checkpoint)
+    ("linear", "children/t0/c2", 6), ("linear", "children/t5/c1", 9),
     ("linear", "analysis", 5),                          # during the analysis
     ("linear", "report", "plots"),                      # during report writing: plots written, card not
     # After the last checkpoint (checkpoint-12) and before final/, with a learning rate that is not 0 at the end:
@@ -252,12 +260,15 @@ def test_a_full_disk_stops_the_study_clearly_and_it_resumes_after(tmp_path, unin
 def test_run_of_another_configuration_is_refused_unless_overwrite(tmp_path):
     tiny_trainer(tmp_path, max_steps=8).butterfly()
     other = StabilityArguments(spawn_steps=[0, 5], num_children=2, perturbation_scale=0.5)
-    with pytest.raises(RunConfigMismatchError, match="perturbation_scale: 0.01 -> 0.5"):
+    with pytest.raises(RunConfigMismatchError, match="perturbation_scale: 0.01 -> 0.5") as refused:
         tiny_trainer(tmp_path, other, max_steps=8).butterfly()
-    assert json.loads((tmp_path / "stability_config.json").read_text())["stability_arguments"]["perturbation_scale"] == 0.01
+    assert "stability_arguments.perturbation_scale: 0.01 -> 0.5" in refused.value.differences
+    saved = json.loads((tmp_path / "stability_config.json").read_text())
+    assert saved["stability_arguments"]["perturbation_scale"] == 0.01
     other.overwrite_run = True
     result = tiny_trainer(tmp_path, other, max_steps=8).butterfly()
-    assert json.loads((result.run_dir / "stability_config.json").read_text())["stability_arguments"]["perturbation_scale"] == 0.5
+    saved = json.loads((result.run_dir / "stability_config.json").read_text())
+    assert saved["stability_arguments"]["perturbation_scale"] == 0.5
 
 
 def test_spawn_step_at_or_beyond_training_is_refused_before_writing(tmp_path):
@@ -276,7 +287,8 @@ def test_include_pattern_matching_nothing_is_refused_before_training(tmp_path):
 
 @pytest.mark.parametrize(
     "include, scale, step, reason",
-    [(["word_embeddings"], 1e20, 5, "training loss is nan"), (["classifier"], 1e39, 4, "L2 distance to the parent is inf")],
+    [(["word_embeddings"], 1e20, 5, "training loss is nan"),
+     (["classifier"], 1e39, 4, "L2 distance to the parent is inf")],
     ids=["nan-loss", "inf-weights"],
 )
 def test_nan_child_is_marked_diverged_and_the_others_go_on(tmp_path, include, scale, step, reason):
@@ -316,8 +328,10 @@ def test_stability_arguments_parse_with_hf_argument_parser():
     assert stability.perturbation_include == ["encoder", "pooler"] and stability.child_indices() == [1, 2, 3, 4]
     with pytest.raises(HfStabilityError, match="finite number >= 0"):
         parser.parse_args_into_dataclasses(["--output_dir", "x", "--perturbation_scale", "nan"])
-    with pytest.raises(HfStabilityError, match="Unknown perturbation kind"):
+    with pytest.raises(SystemExit):  # an enum: argparse's usage error lists the choices
         parser.parse_args_into_dataclasses(["--output_dir", "x", "--perturbation_kind", "uniform"])
+    with pytest.raises(HfStabilityError, match="Unknown perturbation kind 'uniform': choose one of none, gaussian"):
+        StabilityArguments(perturbation_kind="uniform")  # as a config file gives it
 
 
 def test_butterfly_refuses_settings_that_break_the_comparison(tmp_path):
@@ -372,3 +386,52 @@ def test_deterministic_run_sets_the_flags_while_training_records_them_and_restor
     with pytest.raises(RunConfigMismatchError, match="deterministic: True -> False"):
         tiny_trainer(tmp_path, StabilityArguments(spawn_steps=[0, 3], num_children=1, perturbation_scale=0.5),
                      max_steps=6).butterfly()
+
+
+class _ClassWeightedTrainer(StabilityMixin, Trainer):
+    """A user's own Trainer subclass that changes the loss: class-weighted cross-entropy."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = torch.nn.functional.cross_entropy(outputs.logits, labels, weight=torch.tensor([1.0, 2.0, 4.0]))
+        return (loss, outputs) if return_outputs else loss
+
+
+def test_a_trainer_subclass_with_its_own_loss_gets_butterfly_through_the_mixin(tmp_path):
+    train, test = tweets()
+    stability = StabilityArguments(spawn_steps=[0, 3], num_children=1, perturbation_scale=0.5, divergence_every=3)
+
+    def build(cls, out, **kwargs):
+        return cls(model_init=lambda: tiny_bert(0), args=training_args(out, max_steps=6), train_dataset=train,
+                   eval_dataset=test, **kwargs)
+
+    result = build(_ClassWeightedTrainer, tmp_path / "study", stability_args=stability).butterfly()
+    parent = _weights(result.run_dir / "parent" / "final")
+    # the parent is exactly a run of the user's Trainer: its own loss trained it
+    alone = build(_ClassWeightedTrainer, tmp_path / "alone")
+    alone.train()
+    assert _equal(parent, model_state(alone.model))
+    plain = tiny_trainer(tmp_path / "plain", stability, max_steps=6).butterfly()
+    assert not _equal(parent, _weights(plain.run_dir / "parent" / "final"))
+    # and the study holds: each control is bitwise its parent, each perturbed child is not
+    for t in (0, 3):
+        assert _equal(parent, _weights(result.run_dir / f"children/t{t}/c0/final"))
+        assert not _equal(parent, _weights(result.run_dir / f"children/t{t}/c1/final"))
+
+
+def test_seq2seq_trainer_gets_butterfly_through_the_mixin(tmp_path):
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    class StabilitySeq2SeqTrainer(StabilityMixin, Seq2SeqTrainer):
+        pass
+
+    train, test = tweets()
+    values = {**training_args(tmp_path).to_dict(), "max_steps": 4, "output_dir": str(tmp_path)}
+    args = Seq2SeqTrainingArguments(**values)
+    trainer = StabilitySeq2SeqTrainer(model_init=lambda: tiny_bert(0), args=args, train_dataset=train,
+                                      eval_dataset=test, stability_args=StabilityArguments(spawn_steps=[1],
+                                                                                           num_children=1))
+    result = trainer.butterfly()
+    assert _equal(_weights(tmp_path / "parent/final"), _weights(tmp_path / "children/t1/c0/final"))
+    assert {row.status for row in result.children} == {"done"}

@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import RunDirectoryError
 from ..manifest import named_files, sha256_of, verify
 from ..run_directory import (
+    CONFIG_JSON,
     DIVERGENCE_NAME,
     EVAL_RESULTS_NAME,
     PERTURBATION_NAME,
@@ -36,6 +37,7 @@ class ChildInputs:
     child: int
     status: str  # done | diverged | pending
     checksums: dict[str, str] = field(default_factory=dict)  # verified files (final/, records)
+    config: str = ""  # model_config_fingerprint of its final/config.json
     perturbation_l2: float = 0.0
     divergence: list[dict[str, Any]] = field(default_factory=list)
     diverged: dict[str, Any] | None = None
@@ -57,6 +59,7 @@ class RunInputs:
     config: dict[str, Any]
     data: dict[str, str]
     parent: dict[str, str]
+    parent_config: str
     children: dict[tuple[int, int], ChildInputs]
 
     @classmethod
@@ -76,7 +79,8 @@ class RunInputs:
         for t in config["spawn_steps"]:
             for k in config["children"]:
                 children[t, k] = _child_inputs(run, t, k)
-        return cls(config=config, data=data, parent=parent, children=children)
+        return cls(config=config, data=data, parent=parent,
+                   parent_config=model_config_fingerprint(run.parent_final, run.parent_remedy()), children=children)
 
     def pair_fingerprint(self, arguments: dict[str, Any], a: str, b: str) -> str:
         """What a pair's measures depend on: the arguments, the run, the data and both models'
@@ -89,13 +93,27 @@ class RunInputs:
                             "parent": self._measured_files("parent")})
 
     def _measured_files(self, name: str) -> dict[str, str]:
-        """The checksums of the files the measures of model ``name`` read (eval_results.json, which
-        holds the Trainer's wall times, is verified but read by no measure)."""
+        """The checksums of what the measures of model ``name`` read: its files, but
+        eval_results.json (the Trainer's wall times, read by no measure) and, for config.json, the
+        configuration without the keys that change no function (see model_config_fingerprint)."""
         if name == "parent":
-            files = self.parent
+            files, configs = self.parent, self.parent_config
         else:
-            files = next(c for c in self.children.values() if c.name == name).checksums
-        return {n: digest for n, digest in files.items() if not n.endswith(EVAL_RESULTS_NAME)}
+            child = next(c for c in self.children.values() if c.name == name)
+            files, configs = child.checksums, child.config
+        kept = {n: digest for n, digest in files.items() if not n.endswith((EVAL_RESULTS_NAME, CONFIG_JSON))}
+        return {**kept, CONFIG_JSON: configs}
+
+
+def model_config_fingerprint(final_dir, remedy: str) -> str:
+    """The fingerprint of a final/config.json without the keys that say where a model came from or
+    that training fills in (use_cache, transformers_version...): the Trainer sets ``use_cache``
+    on the model it was built with and not on the models model_init builds later, so the same
+    weights can come with two config.json files."""
+    from ..training.identity import VOLATILE_CONFIG_KEYS
+
+    config = read_json(final_dir / CONFIG_JSON, remedy)
+    return fingerprint({k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS})
 
 
 def _unverified(files: dict[str, Any], where: object) -> dict[str, str]:
@@ -131,6 +149,7 @@ def _child_inputs(run: RunDirectory, t: int, k: int) -> ChildInputs:
     if status == "done":
         child.checksums = _verified_final(run, run.child_final(t, k), run.child_dir(t, k), remedy,
                                           records=(PERTURBATION_NAME, DIVERGENCE_NAME))
+        child.config = model_config_fingerprint(run.child_final(t, k), remedy)
     else:
         child.diverged = read_json(run.diverged_file(t, k), remedy)
     if run.perturbation_file(t, k).is_file() or status == "done":

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import AnalysisDataError, RunDirectoryError
-from ..run_directory import RunDirectory
+from ..run_directory import CONFIG_JSON, WEIGHTS_NAME, RunDirectory
 
 
 def model_class_of(final_dir: str | Path) -> type:
@@ -28,7 +28,7 @@ def model_class_of(final_dir: str | Path) -> type:
     import transformers
     from transformers import PreTrainedModel
 
-    config_file = Path(final_dir) / "config.json"
+    config_file = Path(final_dir) / CONFIG_JSON
     if not config_file.is_file():
         raise RunDirectoryError(
             f"{final_dir} has no config.json, so its model cannot be rebuilt with from_pretrained. A model saved "
@@ -65,7 +65,7 @@ def load_final_model(final_dir: str | Path, model_class: type | None = None) -> 
     from safetensors import SafetensorError
 
     final_dir = Path(final_dir)
-    weights = final_dir / "model.safetensors"
+    weights = final_dir / WEIGHTS_NAME
     model_class = model_class or model_class_of(final_dir)
     if not weights.is_file():
         raise RunDirectoryError(
@@ -85,7 +85,7 @@ def load_run_data(run: RunDirectory, split: str) -> Any:
     """The model inputs the study saved for the analyzer (``RUN/data/<split>``)."""
     from ..run_files import load_saved_dataset
 
-    path = run.data_dir / split
+    path = run.data_split(split)
     if not path.is_dir():
         raise AnalysisDataError(
             f"{path} is missing: this run saved no {split} data (no eval_dataset, or not a datasets.Dataset). "
@@ -101,11 +101,11 @@ def run_collator(run: RunDirectory) -> Any:
 
     from ..run_files import read_json
 
-    info = run.data_dir / "collator.json"
+    info = run.collator_file
     kind = read_json(info, run.data_remedy()).get("collator") if info.is_file() else "default"
     if kind != "padding":
         return default_data_collator
-    folder = run.data_dir / "tokenizer" if (run.data_dir / "tokenizer").is_dir() else run.parent_final
+    folder = run.data_tokenizer if run.data_tokenizer.is_dir() else run.parent_final
     problem = None
     # (from a folder with a config.json alone, AutoTokenizer builds a tokenizer with an empty vocabulary)
     if not any((folder / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json")):

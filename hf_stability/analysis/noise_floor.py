@@ -22,13 +22,16 @@ def within_floor(value: float | None, floor: float | None) -> bool | None:
     return value <= FLOOR_FACTOR * max(floor, 0.0)
 
 
-def compare_with_floor(child: dict[str, float | None], control: dict[str, float | None] | None) -> dict[str, Any] | None:
+def compare_with_floor(
+    child: dict[str, float | None], control: dict[str, float | None] | None
+) -> dict[str, Any] | None:
     """Each of FLOOR_FIGURES of a child beside the control's, and whether all of them lie within
     FLOOR_FACTOR x the floor. None without a control child."""
     if control is None:
         return None
     figures = {
-        key: {"value": child.get(key), "floor": control.get(key), "within": within_floor(child.get(key), control.get(key))}
+        key: {"value": child.get(key), "floor": control.get(key),
+              "within": within_floor(child.get(key), control.get(key))}
         for key in FLOOR_FIGURES
     }
     known = [f["within"] for f in figures.values() if f["within"] is not None]

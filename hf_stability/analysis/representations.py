@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 from ..errors import AnalysisDataError
+from .arguments import Pooling
 from .evaluation import EvalData, Evaluator, forward_logits
-
-POOLINGS = ("cls", "mean", "all")
 
 
 def _centered_gram_norms(sxx, syy, sxy, sx, sy, n) -> float:
@@ -106,8 +105,7 @@ def compare_representations(
     Linear CKA needs only additive statistics (X^T X, Y^T Y, X^T Y, column sums, n), so each
     process accumulates its shard and the sums are reduced: the result is exact in N processes.
     """
-    if pooling not in POOLINGS:
-        raise AnalysisDataError(f"Unknown pooling {pooling!r}: choose one of {', '.join(POOLINGS)}.")
+    pooling = Pooling(pooling)
     evaluator = evaluator or Evaluator()
     evaluator.ready(a, b)
     # the layer names and widths, from one example, so that every process holds sums of the same shapes

@@ -7,10 +7,11 @@ only the main process writes). The report's schema is documented in docs/report_
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,77 +19,28 @@ import torch
 
 from .. import __version__
 from ..atomic_io import write_json
-from ..errors import AnalysisDataError, RunDirectoryError
+from ..errors import RunDirectoryError
 from ..run_directory import RunDirectory
 from ..run_files import read_json
 from .alignment import activation_matching, apply_permutation, permutation_spec, weight_matching
-from .barrier import barriers
+from .arguments import AlignmentMethod, AnalyzeArguments, Pairs
 from .distance import l2_distance
 from .evaluation import EvalData, EvalSums, Evaluator
 from .inputs import ChildInputs, RunInputs
 from .loading import load_final_model, load_run_data, run_collator
 from .noise_floor import compare_with_floor
-from .representations import POOLINGS, compare_representations
+from .path_barriers import barriers
+from .representations import compare_representations
+from .schema import REPORT_SCHEMA_VERSION, Report
 
 logger = logging.getLogger(__name__)
-
-REPORT_SCHEMA_VERSION = 4
-PAIRS = ("parent-child", "child-child", "all")
-ALIGNMENTS = ("weight", "activation", "none")
-AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class AnalyzeArguments:
-    """Options of ``hf-stability analyze RUN_DIR``."""
-
-    eval_split: str = field(
-        default="eval", metadata={"help": "Saved split (RUN/data/<split>) used for eval barriers, CKA and disagreement."}
-    )
-    eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N examples of eval_split."})
-    train_samples: int = field(default=512, metadata={"help": "Train-subset size for the train-set barriers (0: skip)."})
-    pairs: str = field(default="parent-child", metadata={"help": f"Which pairs: {' | '.join(PAIRS)}."})
-    alphas: int = field(default=11, metadata={"help": "Interpolation points in [0, 1]."})
-    batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per process."})
-    pooling: str = field(default="cls", metadata={"help": f"Token pooling for CKA: {' | '.join(POOLINGS)}."})
-    autocast: str = field(default="none", metadata={"help": "Evaluate under autocast: none | bf16 | fp16."})
-    alignment: str = field(
-        default="weight",
-        metadata={"help": f"Permutation alignment before the aligned L2 and barriers: {' | '.join(ALIGNMENTS)}."},
-    )
-    alignment_seed: int = field(default=0, metadata={"help": "Seed of weight matching's order of groups."})
-    alignment_samples: int = field(
-        default=256, metadata={"help": "Examples for activation matching (from the train split, else eval_split)."}
-    )
-    cpu: bool = field(default=False, metadata={"help": "Evaluate on the CPU even when a GPU is present."})
-    reanalyze: bool = field(
-        default=False,
-        metadata={"help": "Analyse again even when analysis/report.json already holds this run's analysis with "
-                  "these arguments (by default such a report is reused, so a restarted study skips it)."},
-    )
-
-    def __post_init__(self) -> None:
-        if self.pairs not in PAIRS:
-            raise AnalysisDataError(f"Unknown pairs {self.pairs!r}: choose one of {', '.join(PAIRS)}.")
-        if self.autocast not in AUTOCAST:
-            raise AnalysisDataError(f"Unknown autocast {self.autocast!r}: choose one of {', '.join(AUTOCAST)}.")
-        if self.alignment not in ALIGNMENTS:
-            raise AnalysisDataError(f"Unknown alignment {self.alignment!r}: choose one of {', '.join(ALIGNMENTS)}.")
-        if self.alignment_samples < 1:
-            raise AnalysisDataError(f"alignment_samples must be >= 1, got {self.alignment_samples}.")
-        if self.pooling not in POOLINGS:
-            raise AnalysisDataError(f"Unknown pooling {self.pooling!r}: choose one of {', '.join(POOLINGS)}.")
-        if self.alphas < 2:
-            raise AnalysisDataError(f"alphas must be >= 2, got {self.alphas}.")
-        if self.train_samples < 0 or (self.eval_samples is not None and self.eval_samples < 1):
-            raise AnalysisDataError("train_samples must be >= 0 and eval_samples >= 1.")
-
 
 def _mean_std(values: list[float]) -> dict[str, Any]:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     if not finite:
         return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(finite), "std": statistics.pstdev(finite) if len(finite) > 1 else 0.0, "n": len(finite)}
+    std = statistics.pstdev(finite) if len(finite) > 1 else 0.0
+    return {"mean": statistics.fmean(finite), "std": std, "n": len(finite)}
 
 
 def _scalars(pair: dict[str, Any]) -> dict[str, float | None]:
@@ -112,7 +64,7 @@ def _scalars(pair: dict[str, Any]) -> dict[str, float | None]:
 def _earlier_report(run: RunDirectory) -> dict[str, Any]:
     """The run's report.json of this schema, whose pairs may be reused ({} when there is none, or
     when it cannot be read: it is then measured anew)."""
-    path = run.analysis_dir / "report.json"
+    path = run.report_file
     if not path.is_file():
         return {}
     try:
@@ -146,7 +98,7 @@ def analyze_run(
     train_data: Any = None,
     collate_fn: Any = None,
     model_class: type | None = None,
-) -> dict[str, Any]:
+) -> Report:
     """Measure every finished child of ``run_dir`` against its parent (and/or its siblings) and
     write ``analysis/report.json`` (main process). Returns the report. ``eval_data``,
     ``train_data`` and ``collate_fn`` replace what the run saved; ``model_class`` is the class
@@ -182,7 +134,7 @@ class _Analysis:
         self.config = self.inputs.config
         # what every measure depends on besides the models: the arguments (and data that was passed in,
         # which is never reused: it has no checksum)
-        self.arguments = {k: v for k, v in asdict(args).items() if k != "reanalyze"}
+        self.arguments = json.loads(json.dumps({k: v for k, v in asdict(args).items() if k != "reanalyze"}))
         self.reusable = not args.reanalyze and not given
         self.earlier = _earlier_report(self.run) if self.reusable else {}
         self.earlier_pairs = {(p.get("kind"), p.get("a"), p.get("b"), p.get("inputs")): p
@@ -199,9 +151,11 @@ class _Analysis:
             return
         args, run = self.args, self.run
         self.evaluator = Evaluator(accelerator=self.accelerator, device="cpu" if args.cpu else None,
-                                   autocast_dtype=AUTOCAST[args.autocast])
+                                   autocast_dtype=args.autocast.dtype)
         collate = self.given["collate_fn"] or run_collator(run)
-        eval_dataset = self.given["eval_data"] if self.given["eval_data"] is not None else load_run_data(run, args.eval_split)
+        eval_dataset = self.given["eval_data"]
+        if eval_dataset is None:
+            eval_dataset = load_run_data(run, args.eval_split)
         if args.eval_samples is not None:
             eval_dataset = _first(eval_dataset, args.eval_samples)
         self.splits = {"eval": EvalData(eval_dataset, batch_size=args.batch_size, collate_fn=collate, name="eval")}
@@ -210,9 +164,10 @@ class _Analysis:
             self.splits["train"] = EvalData(_first(train, args.train_samples), batch_size=args.batch_size,
                                             collate_fn=collate, name="train")
         parent = self.model("parent")
-        self.spec = permutation_spec(parent) if args.alignment != "none" else None  # unsupported: stop now
+        # an architecture without a spec stops here, before any measure
+        self.spec = permutation_spec(parent) if args.alignment != AlignmentMethod.NONE else None
         self.alignment_data = None
-        if args.alignment == "activation":
+        if args.alignment == AlignmentMethod.ACTIVATION:
             source = self.splits.get("train", self.splits["eval"])
             self.alignment_data = EvalData(_first(source.dataset, args.alignment_samples), batch_size=args.batch_size,
                                            collate_fn=collate, name=f"alignment ({source.name})")
@@ -252,7 +207,7 @@ class _Analysis:
             result["barriers"][split] = {metric: r.to_dict() for metric, r in found.items()}
         representation = compare_representations(a, b, splits["eval"], args.pooling, self.evaluator)
         values = [v if math.isfinite(v) else None for v in representation.cka]  # None: undefined (no variance)
-        result["cka"] = {"pooling": args.pooling, "layers": representation.layers, "values": values}
+        result["cka"] = {"pooling": args.pooling.value, "layers": representation.layers, "values": values}
         result["disagreement"] = representation.disagreement
         result["aligned"] = self.align(name_a, a, name_b, b) if self.spec is not None else None
         return result
@@ -262,7 +217,7 @@ class _Analysis:
         function, so b's own sums serve as the far endpoint. b is permuted in place (no second copy
         in memory) and dropped afterwards."""
         args, evaluator = self.args, self.evaluator
-        if args.alignment == "weight":
+        if args.alignment == AlignmentMethod.WEIGHT:
             match = weight_matching(a, b, self.spec, seed=args.alignment_seed, device=evaluator.device)
         else:
             match = activation_matching(a, b, self.spec, self.alignment_data, evaluator=evaluator)
@@ -306,14 +261,14 @@ class _Analysis:
             if c.spawn_step == t and c.status == "pending":
                 logger.warning("Child %d of spawn step %d has not finished; it is left out.", c.child, t)
         jobs = []
-        if self.args.pairs in ("parent-child", "all"):
+        if self.args.pairs in (Pairs.PARENT_CHILD, Pairs.ALL):
             jobs += [("parent-child", "parent", c.name, c) for c in done]
-        if self.args.pairs in ("child-child", "all"):
+        if self.args.pairs in (Pairs.CHILD_CHILD, Pairs.ALL):
             perturbed = [c for c in done if c.child != self.control]
             jobs += [("child-child", i.name, j.name, j) for i, j in itertools.combinations(perturbed, 2)]
         return jobs
 
-    def analyze(self) -> dict[str, Any]:
+    def analyze(self) -> Report:
         run, config = self.run, self.config
         run.own_folder(run.analysis_dir)  # a write that cannot happen fails now, not after the whole analysis
         pairs: list[dict[str, Any]] = []
@@ -349,10 +304,10 @@ class _Analysis:
         if main:
             run.remove_temporaries()  # a killed analysis's leftovers (the lock is ours)
             if report != self.earlier or self.args.reanalyze:  # an unchanged report is not rewritten
-                write_json(run.analysis_dir / "report.json", report)
+                write_json(run.report_file, report)
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
-        return report
+        return Report.from_dict(report, str(run.report_file))
 
     def parent_section(self) -> dict[str, Any]:
         key = self.inputs.parent_fingerprint(self.arguments)
@@ -435,14 +390,14 @@ class _Analysis:
             "train_samples": len(splits["train"]) if "train" in splits else 0,
             "eval_split": args.eval_split if self.given["eval_data"] is None else "given",
             "eval_samples": len(splits["eval"]),
-            "pairs": args.pairs,
-            "pooling": args.pooling,
+            "pairs": args.pairs.value,
+            "pooling": args.pooling.value,
             "batch_size": args.batch_size,
-            "autocast": args.autocast,
+            "autocast": args.autocast.value,
             "num_processes": processes,
             "alignment": {
-                "method": args.alignment,
-                "seed": args.alignment_seed if args.alignment == "weight" else None,
+                "method": args.alignment.value,
+                "seed": args.alignment_seed if args.alignment == AlignmentMethod.WEIGHT else None,
                 "samples": len(self.alignment_data) if self.alignment_data is not None else None,
                 "architecture": self.spec.architecture if self.spec is not None else None,
             },

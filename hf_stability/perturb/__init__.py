@@ -4,7 +4,7 @@ Pure torch, no Trainer: ``perturb_model(model, PerturbationConfig(...), step=t, 
 """
 
 from .apply import PerturbationRecord, TensorChange, perturb_model
-from .config import KINDS, RNG_KINDS, SCALE_MODES, WEIGHT_KINDS, PerturbationConfig
+from .config import KINDS, RNG_KINDS, SCALE_MODES, WEIGHT_KINDS, PerturbationConfig, PerturbationKind, ScaleMode
 from .rng import derive_seed, make_generator, preserve_global_rng
 from .scales import init_scales
 from .selection import select_parameters
@@ -13,8 +13,10 @@ __all__ = [
     "KINDS",
     "RNG_KINDS",
     "SCALE_MODES",
+    "ScaleMode",
     "WEIGHT_KINDS",
     "PerturbationConfig",
+    "PerturbationKind",
     "PerturbationRecord",
     "TensorChange",
     "derive_seed",

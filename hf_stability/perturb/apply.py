@@ -13,7 +13,7 @@ from torch import nn
 
 from ..atomic_io import write_json
 from ..errors import PerturbationConfigError
-from .config import PerturbationConfig
+from .config import RNG_KINDS, PerturbationConfig, PerturbationKind, ScaleMode
 from .rng import derive_seed, make_generator, preserve_global_rng
 from .scales import init_scales, param_scales
 from .selection import choose_entries, select_parameters
@@ -136,6 +136,13 @@ def perturb_model(
     The noise is drawn from a CPU generator seeded by ``(config.seed, step, child)``; the
     python, numpy and torch global RNG states are the same after the call as before.
     ``batch`` (a dict of tensors with labels) is needed for ``kind='batch'`` only.
+
+    Raises:
+        NoMatchingParametersError: the include/exclude patterns select nothing, or fewer entries
+            than ``num_entries``.
+        UnknownInitScaleError: ``scale_mode='init'`` for a tensor whose initialiser is not known.
+        PerturbationConfigError: ``kind='batch'`` without a batch (or one that gives no gradient), or
+            a parameter sharded away from this process (FSDP, ZeRO-3).
     """
     generator_seed = derive_seed(config.seed, step, child)
     record = PerturbationRecord(
@@ -146,12 +153,12 @@ def perturb_model(
         generator_seed=generator_seed,
         config=config.to_dict(),
     )
-    if config.kind in ("data_order", "dropout"):
+    if config.kind in RNG_KINDS:
         record.reseed = derive_seed(config.seed, step, child, stream=1) & 0x7FFFFFFF
         return record
     if not config.changes_weights:
         return record  # the control: nothing is touched, not even -0.0 -> +0.0
-    if config.kind == "batch" and batch is None:
+    if config.kind == PerturbationKind.BATCH and batch is None:
         raise PerturbationConfigError("kind='batch' needs a batch: pass batch={...} with inputs and labels.")
 
     with preserve_global_rng(), torch.no_grad():
@@ -166,16 +173,17 @@ def perturb_model(
         entries = choose_entries(
             {name: p.numel() for name, p in params.items()}, generator, config.fraction, config.num_entries
         )
-        if config.scale_mode == "init":
+        if config.scale_mode == ScaleMode.INIT:
             scales = init_scales(model, list(params))
-        elif config.scale_mode == "param":
+        elif config.scale_mode == ScaleMode.PARAM:
             scales = param_scales(params)
         else:
             scales = {name: 1.0 for name in params}
-        counts = {name: (p.numel() if entries[name] is None else int(entries[name].numel())) for name, p in params.items()}
+        counts = {name: (p.numel() if entries[name] is None else int(entries[name].numel()))
+                  for name, p in params.items()}
         expected = math.sqrt(sum(scales[n] ** 2 * counts[n] for n in params))
 
-        gradients = _batch_gradient(model, params, batch) if config.kind == "batch" else None
+        gradients = _batch_gradient(model, params, batch) if config.kind == PerturbationKind.BATCH else None
         if gradients is not None:
             gradient_norm = math.sqrt(
                 sum(float(_entries(gradients[n], entries[n]).double().pow(2).sum()) for n in params)

@@ -7,15 +7,38 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..enums import ExplicitEnum, plain
 from ..errors import PerturbationConfigError
 
+
+class PerturbationKind(ExplicitEnum):
+    """What a perturbation changes at the spawn step."""
+
+    __label__ = "perturbation kind"
+    __error__ = PerturbationConfigError
+    NONE = "none"  # the control: nothing changes
+    GAUSSIAN = "gaussian"  # noise on the weights
+    BATCH = "batch"  # a step along the loss gradient of an independent batch
+    DATA_ORDER = "data_order"  # another data order after the spawn step
+    DROPOUT = "dropout"  # another dropout seed after the spawn step
+
+
+class ScaleMode(ExplicitEnum):
+    """What s_p, the scale of tensor p's noise, is."""
+
+    __label__ = "scale_mode"
+    __error__ = PerturbationConfigError
+    INIT = "init"  # the std the model's initialiser draws p from
+    PARAM = "param"  # the std of p now
+    ABSOLUTE = "absolute"  # 1
+
+
 #: Kinds that change the weights once, at the spawn step.
-WEIGHT_KINDS = ("gaussian", "batch")
+WEIGHT_KINDS = (PerturbationKind.GAUSSIAN, PerturbationKind.BATCH)
 #: Kinds that change the randomness after the spawn step (the SGD-noise baselines).
-RNG_KINDS = ("data_order", "dropout")
-#: "none" is the control: nothing changes.
-KINDS = ("none", *WEIGHT_KINDS, *RNG_KINDS)
-SCALE_MODES = ("init", "param", "absolute")
+RNG_KINDS = (PerturbationKind.DATA_ORDER, PerturbationKind.DROPOUT)
+KINDS = tuple(PerturbationKind.values())
+SCALE_MODES = tuple(ScaleMode.values())
 
 
 @dataclass
@@ -30,9 +53,9 @@ class PerturbationConfig:
     the run uses another data order or dropout seed. Kind ``none`` is the control.
     """
 
-    kind: str = "gaussian"
+    kind: PerturbationKind = PerturbationKind.GAUSSIAN
     scale: float = 0.01
-    scale_mode: str = "init"
+    scale_mode: ScaleMode = ScaleMode.INIT
     normalize: bool = False
     fraction: float | None = None
     num_entries: int | None = None
@@ -42,14 +65,7 @@ class PerturbationConfig:
     batch_size: int = 32
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise PerturbationConfigError(
-                f"Unknown perturbation kind {self.kind!r}: expected one of {', '.join(KINDS)}."
-            )
-        if self.scale_mode not in SCALE_MODES:
-            raise PerturbationConfigError(
-                f"Unknown scale_mode {self.scale_mode!r}: expected one of {', '.join(SCALE_MODES)}."
-            )
+        self.kind, self.scale_mode = PerturbationKind(self.kind), ScaleMode(self.scale_mode)
         try:
             self.scale = float(self.scale)
         except (TypeError, ValueError):
@@ -90,7 +106,7 @@ class PerturbationConfig:
         return self.kind == "none" or (self.kind in WEIGHT_KINDS and self.scale == 0)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return plain(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PerturbationConfig:

@@ -23,6 +23,7 @@ class ReportFiles:
     """Where ``write_report`` put the card and the figures."""
 
     card: Path
+    plots_dir: Path
     plots: dict[str, Path]
 
 
@@ -44,13 +45,13 @@ def _write_report(run_dir: str | Path) -> ReportFiles:
 
     report = load_report(run_dir)
     run = RunDirectory(run_dir)
-    analysis = run.own_folder(run.analysis_dir)
-    plots = render_plots(report, run.own_folder(analysis / "plots"))
+    run.own_folder(run.analysis_dir)
+    plots = render_plots(report, run.own_folder(run.plots_dir))
     card = build_card(report, plots)
-    path = analysis / "README.md"
+    path = run.card_file
     with atomic_path(path) as tmp:
         tmp.write_text(str(card), encoding="utf-8")
-    return ReportFiles(card=path, plots=plots)
+    return ReportFiles(card=path, plots_dir=run.plots_dir, plots=plots)
 
 
 __all__ = [

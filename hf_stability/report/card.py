@@ -1,14 +1,20 @@
-"""The divergence report card (a Hub model card, README.md) and the stability section that
-StabilityTrainer adds to the Trainer's own card."""
+"""The divergence report card (a Hub model card, RUN/analysis/README.md) and the stability
+section that StabilityMixin adds to the Trainer's own card."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
-from .findings import FLOOR_FACTOR, format_value, spawn_findings, summary_paragraph
+from ..analysis.schema import Report
+from ..model_cards import TEMPLATE
+from ..run_directory import CARD_NAME, RunDirectory
+from .findings import FLOOR_FACTOR, format_value, summary_paragraph
+from .table import Column, render_table, summary_table
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "divergence_report.md"
+logger = logging.getLogger(__name__)
+
 TAGS = ["hf-stability", "training-stability", "butterfly-effect", "linear-mode-connectivity"]
 FIGURES = {
     "barrier_vs_spawn_step.png": "Loss and error barriers against the spawn step, with the noise floor",
@@ -21,28 +27,10 @@ FIGURES = {
 }
 
 
-def stability_section(report: dict[str, Any], plots: dict[str, Path] | None = None, plots_prefix: str = "plots/") -> str:
+def stability_section(report: Report, plots: dict[str, Path] | None = None, plots_prefix: str = "plots/") -> str:
     """Markdown: the summary in words, the table per spawn step (children beside the control)
     and the figures (linked under ``plots_prefix``)."""
-    aligned = report["settings"]["alignment"]["method"] != "none"
-    header = ["spawn step", "who", "L2 to parent", "loss barrier (eval)", "error barrier (eval)"]
-    keys = ["l2", "loss_barrier_eval", "error_barrier_eval"]
-    if aligned:
-        header.append("loss barrier after alignment")
-        keys.append("aligned_loss_barrier_eval")
-    header += ["amplification", "disagreement"]
-    keys += ["amplification", "disagreement"]
-    lines = ["## Summary", "", summary_paragraph(report), "", "## Results", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    separated = {f.spawn_step: f.separated for f in spawn_findings(report)}
-    for row in report["summary"]:
-        if row["control"]:
-            lines.append(f"| {row['spawn_step']} | control (noise floor) | "
-                         + " | ".join(format_value(row["control"].get(k)) for k in keys) + " |")
-        if row["children"]:
-            verdict = "another basin" if separated.get(row["spawn_step"]) else "same basin"
-            lines.append(f"| {row['spawn_step']} | {row['num_children']} children ({verdict}) | "
-                         + " | ".join(format_value(row["children"].get(k)) for k in keys) + " |")
+    lines = ["## Summary", "", summary_paragraph(report), "", "## Results", "", summary_table(report, markdown=True)]
     lines += _floor_table(report)
     if plots:
         lines += ["", "## Figures", ""]
@@ -52,68 +40,94 @@ def stability_section(report: dict[str, Any], plots: dict[str, Path] | None = No
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _floor_table(report: dict[str, Any]) -> list[str]:
+def _floor_table(report: Report) -> list[str]:
     """Every perturbed child beside its control, marked where all its figures lie within
     FLOOR_FACTOR x the floor (it cannot be told from the hardware's noise)."""
-    pairs = [p for p in report["pairs"] if p["kind"] == "parent-child" and p.get("noise_floor")]
+    pairs = [p for p in report.parent_child() if p.noise_floor is not None]
     if not pairs:
         return []
     explanation = (f"Each perturbed child's figures beside its control child's (in brackets). A child is "
                    f"*indistinguishable from the noise floor* when every figure is at most {FLOOR_FACTOR:g}x the "
                    "control's.")
-    header = "| spawn step | child | L2 to parent | loss barrier (eval) | error barrier (eval) | amplification | verdict |"
-    lines = ["", "## Children against the noise floor", "", explanation, "", header, "|---|---|---|---|---|---|---|"]
+    columns = [Column("spawn step"), Column("child"), Column("L2 to parent"), Column("loss barrier (eval)"),
+               Column("error barrier (eval)"), Column("amplification"), Column("verdict", left=True)]
+    rows = []
     for pair in pairs:
-        figures = pair["noise_floor"]["figures"]
-        cells = [f"{format_value(figures[k]['value'])} ({format_value(figures[k]['floor'])})"
+        figures = pair.noise_floor.figures
+        cells = [f"{format_value(figures[k].value)} ({format_value(figures[k].floor)})"
                  for k in ("l2", "loss_barrier_eval", "error_barrier_eval")]
-        verdict = "indistinguishable from the noise floor" if pair["noise_floor"]["indistinguishable"] else "beyond the floor"
-        lines.append(f"| {pair['spawn_step']} | {pair['child']} | " + " | ".join(cells)
-                     + f" | {format_value(pair.get('amplification'))} | {verdict} |")
-    return lines
+        verdict = "indistinguishable from the noise floor" if pair.noise_floor.indistinguishable else "beyond the floor"
+        rows.append([str(pair.spawn_step), str(pair.child), *cells, format_value(pair.amplification), verdict])
+    return ["", "## Children against the noise floor", "", explanation, "", render_table(columns, rows, markdown=True)]
 
 
-def card_data(report: dict[str, Any]) -> Any:
+def card_data(report: Report) -> Any:
     """YAML metadata: library, base model, datasets, tags and the parent's eval accuracy where
     the dataset is a named one."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    run = report["run"]
-    base_model, dataset = run.get("base_model"), run.get("dataset_name")
+    run = report.run
+    base_model, dataset = run.base_model, run.dataset_name
     name = f"{base_model.split('/')[-1]}-stability-report" if base_model else "stability-report"
     results = None
     if dataset:
         results = [EvalResult(
-            task_type=run["task"], dataset_type=dataset, dataset_name=dataset, dataset_split="eval",
+            task_type=run.task, dataset_type=dataset, dataset_name=dataset, dataset_split="eval",
             metric_type="accuracy", metric_name="parent eval accuracy",
-            metric_value=round(1.0 - report["parent"]["eval"]["error"], 6),
+            metric_value=round(1.0 - report.parent["eval"].error, 6),
         )]
     return ModelCardData(
         library_name="hf_stability",
         base_model=base_model,
         datasets=[dataset] if dataset else None,
-        tags=TAGS + [run["task"]],
-        pipeline_tag=run["task"],
+        tags=TAGS + [run.task],
+        pipeline_tag=run.task,
         model_name=name,
         eval_results=results,
     )
 
 
-def build_card(report: dict[str, Any], plots: dict[str, Path]) -> Any:
+def build_card(report: Report, plots: dict[str, Path]) -> Any:
     """The report card (``huggingface_hub.ModelCard``) from the template in model_cards/."""
     from huggingface_hub import ModelCard
 
-    settings = report["settings"]
+    settings = report.settings
     return ModelCard.from_template(
         card_data(report),
         template_path=str(TEMPLATE),
-        base_model=report["run"].get("base_model"),
-        generated_by=report["generated_by"],
+        base_model=report.run.base_model,
+        generated_by=report.generated_by,
         section=stability_section(report, plots),
-        alphas=settings["alphas"],
-        eval_samples=settings["eval_samples"],
+        alphas=settings.alphas,
+        eval_samples=settings.eval_samples,
         floor_factor=f"{FLOOR_FACTOR:g}",
-        alignment=settings["alignment"]["method"],
-        pooling=settings.get("pooling", "cls"),
-        schema_version=report["schema_version"],
+        alignment=settings.alignment.method,
+        pooling=settings.pooling,
+        schema_version=report.schema_version,
     )
+
+
+def add_stability_section(output_dir: Path) -> None:
+    """Append the stability section to the Trainer's card ``output_dir/README.md`` when
+    ``output_dir`` holds an analysed butterfly run (what ``push_to_hub`` uploads)."""
+    from huggingface_hub import ModelCard
+
+    from ..errors import ReportError
+    from .load import load_report
+
+    run = RunDirectory(output_dir)
+    card_file = run.root / CARD_NAME  # the Trainer's own card, in its output_dir
+    if not card_file.is_file() or not run.report_file.is_file():
+        return
+    try:
+        report = load_report(run.root)
+    except ReportError as err:
+        logger.warning("The model card gets no stability section: %s", err)
+        return
+    plots = {p.name: p for p in sorted(run.plots_dir.glob("*.png"))}
+    prefix = f"{run.plots_dir.relative_to(run.root).as_posix()}/"
+    section = stability_section(report, plots, plots_prefix=prefix).replace("## ", "### ")
+    card = ModelCard.load(card_file)
+    card.data.tags = sorted(set(card.data.tags or []) | {"hf-stability", "training-stability"})
+    card.text = card.text.rstrip() + "\n\n## Training stability (hf_stability)\n\n" + section
+    card.save(card_file)

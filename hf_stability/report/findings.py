@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..analysis.noise_floor import FLOOR_FACTOR
+from ..analysis.schema import Report, Stat
 
 RELATIVE_BARRIER = 0.01
 
@@ -57,42 +58,42 @@ def _fmt(value: float | None) -> str:
     return f"{value:.2g}" if abs(value) < 0.01 else f"{value:.2f}"
 
 
-def summary_stat(stats: dict[str, Any], key: str) -> tuple[float | None, float | None]:
+def summary_stat(stats: dict[str, Stat], key: str) -> tuple[float | None, float | None]:
     """(mean, std) of ``key`` in a summary row's ``children`` statistics; (None, None) if absent."""
-    entry = stats.get(key) or {}
-    return entry.get("mean"), entry.get("std")
+    entry = stats.get(key)
+    return (entry.mean, entry.std) if entry is not None else (None, None)
 
 
 def format_value(value: Any) -> str:
-    """A table cell: a number, a children's {mean, std} as "mean +- std", or n/a."""
-    if isinstance(value, dict):
-        return f"{value['mean']:.4g} +- {value['std']:.2g}" if value.get("mean") is not None else "n/a"
+    """A table cell: a number, a children's statistic as "mean +- std", or n/a."""
+    if isinstance(value, Stat):
+        return f"{value.mean:.4g} +- {value.std:.2g}" if value.mean is not None else "n/a"
     return f"{value:.4g}" if value is not None else "n/a"
 
 
-def spawn_findings(report: dict[str, Any]) -> list[SpawnFinding]:
-    parent_loss = report["parent"]["eval"]["loss"]
+def spawn_findings(report: Report) -> list[SpawnFinding]:
+    parent_loss = report.parent["eval"].loss
     found = []
-    for row in report["summary"]:
-        barrier, std = summary_stat(row["children"], "loss_barrier_eval")
-        aligned, aligned_std = summary_stat(row["children"], "aligned_loss_barrier_eval")
-        l2, _ = summary_stat(row["children"], "l2")
-        floor = (row["control"] or {}).get("loss_barrier_eval")
+    for row in report.summary:
+        barrier, std = summary_stat(row.children, "loss_barrier_eval")
+        aligned, aligned_std = summary_stat(row.children, "aligned_loss_barrier_eval")
+        l2, _ = summary_stat(row.children, "l2")
+        floor = (row.control or {}).get("loss_barrier_eval")
         threshold = max(FLOOR_FACTOR * max(floor or 0.0, 0.0), RELATIVE_BARRIER * parent_loss)
         found.append(SpawnFinding(
-            spawn_step=row["spawn_step"], num_children=row["num_children"], barrier=barrier, barrier_std=std,
+            spawn_step=row.spawn_step, num_children=row.num_children, barrier=barrier, barrier_std=std,
             floor=floor, aligned=aligned, aligned_std=aligned_std, l2=l2,
             separated=barrier is not None and barrier > threshold,
-            indistinguishable=row.get("indistinguishable_from_floor"),
+            indistinguishable=row.indistinguishable_from_floor,
         ))
     return found
 
 
-def describe_perturbation(report: dict[str, Any]) -> str:
+def describe_perturbation(report: Report) -> str:
     """'Gaussian noise of sigma = 0.01 x each tensor's init std' and the like, from the first
     perturbed child's configuration."""
-    run = report["run"]
-    configs = [c for by_child in run["perturbations"].values() for c in by_child.values() if c.get("kind") != "none"]
+    configs = [c for by_child in report.run.perturbations.values() for c in by_child.values()
+               if c.get("kind") != "none"]
     if not configs:
         return "no perturbation (control children only)"
     c = configs[0]
@@ -121,21 +122,21 @@ def describe_perturbation(report: dict[str, Any]) -> str:
     return text
 
 
-def summary_paragraph(report: dict[str, Any]) -> str:
+def summary_paragraph(report: Report) -> str:
     """Two or three sentences a reader understands in a minute."""
-    run = report["run"]
-    steps = run["spawn_steps"]
+    run = report.run
+    steps = run.spawn_steps
     when = ", ".join(str(s) for s in steps[:-1]) + (" and " if len(steps) > 1 else "") + str(steps[-1])
-    perturbed = len([k for k in run["children"] if k != run["control_child"]])
-    control = " and an unperturbed control" if run["control_child"] is not None else ""
-    method = report["settings"]["alignment"]["method"]
+    perturbed = len([k for k in run.children if k != run.control_child])
+    control = " and an unperturbed control" if run.control_child is not None else ""
+    method = report.settings.alignment.method
     method = None if method == "none" else method
     findings = spawn_findings(report)
     perturbation = (
         f"Perturbation: {describe_perturbation(report)}, at step{'s' if len(steps) > 1 else ''} {when} of "
-        f"{run['max_steps']}; {perturbed} perturbed child{'ren' if perturbed != 1 else ''}{control} per spawn step."
+        f"{run.max_steps}; {perturbed} perturbed child{'ren' if perturbed != 1 else ''}{control} per spawn step."
     )
     lines = [perturbation, "Finding: " + "; ".join(f.sentence(method) for f in findings) + "."]
-    if report["diverged"]:
-        lines.append(f"{len(report['diverged'])} child(ren) diverged (NaN or Inf) and are reported apart.")
+    if report.diverged:
+        lines.append(f"{len(report.diverged)} child(ren) diverged (NaN or Inf) and are reported apart.")
     return "\n\n".join(lines)

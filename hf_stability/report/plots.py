@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ..analysis.schema import Pair, Report
 from ..atomic_io import atomic_path
 from .findings import summary_stat
 
@@ -41,17 +42,16 @@ def _finish(fig: Any, ax: Any, path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
-def _perturbed(report: dict[str, Any], spawn_step: int) -> list[dict[str, Any]]:
-    return [p for p in report["pairs"]
-            if p["spawn_step"] == spawn_step and p["kind"] == "parent-child" and not p["is_control"]]
+def _perturbed(report: Report, spawn_step: int) -> list[Pair]:
+    return report.perturbed(spawn_step)
 
 
-def _children_and_floor(report: dict[str, Any], key: str) -> tuple[list[int], list[tuple], list[float | None]]:
+def _children_and_floor(report: Report, key: str) -> tuple[list[int], list[tuple], list[float | None]]:
     """From the report's summary: spawn steps with perturbed children, their (mean, std) of
     ``key`` and the control's value (the noise floor, None without a control)."""
-    rows = [row for row in report["summary"] if row["children"]]
-    stats = [tuple(float("nan") if v is None else v for v in summary_stat(row["children"], key)) for row in rows]
-    return [row["spawn_step"] for row in rows], stats, [(row["control"] or {}).get(key) for row in rows]
+    rows = [row for row in report.summary if row.children]
+    stats = [tuple(float("nan") if v is None else v for v in summary_stat(row.children, key)) for row in rows]
+    return [row.spawn_step for row in rows], stats, [(row.control or {}).get(key) for row in rows]
 
 
 def _scale_small_values(ax: Any, values: list[float], linthresh: float) -> None:
@@ -77,7 +77,7 @@ def _step_axis(ax: Any, steps: list[int]) -> None:
 METRICS = (("loss", "loss barrier (nats)"), ("error", "error barrier (fraction of examples)"))
 
 
-def plot_barrier_vs_spawn_step(report: dict[str, Any], path: Path) -> Path:
+def plot_barrier_vs_spawn_step(report: Report, path: Path) -> Path:
     """Eval loss and error barriers of the children (mean ± std) against the spawn step, with
     the control's barrier (the noise floor) as a band from zero."""
     plt = _pyplot()
@@ -100,10 +100,10 @@ def plot_barrier_vs_spawn_step(report: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_metric_along_alpha(report: dict[str, Any], path: Path) -> Path:
+def plot_metric_along_alpha(report: Report, path: Path) -> Path:
     """Eval loss and error along the linear path, mean over each spawn step's children."""
     plt = _pyplot()
-    steps = report["run"]["spawn_steps"]
+    steps = report.run.spawn_steps
     colors = plt.cm.viridis([i / max(1, len(steps) - 1) for i in range(len(steps))])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, (metric, _) in zip(axes, METRICS):
@@ -111,8 +111,8 @@ def plot_metric_along_alpha(report: dict[str, Any], path: Path) -> Path:
             pairs = _perturbed(report, t)
             if not pairs:
                 continue
-            alphas = pairs[0]["barriers"]["eval"][metric]["alphas"]
-            curves = [p["barriers"]["eval"][metric]["values"] for p in pairs]
+            alphas = pairs[0].barriers["eval"][metric].alphas
+            curves = [p.barriers["eval"][metric].values for p in pairs]
             mean = [statistics.fmean(values) for values in zip(*curves)]
             ax.plot(alphas, mean, marker=".", color=color, label=f"t = {t}")
         ax.set_xlabel("interpolation alpha (0 = parent, 1 = child)")
@@ -123,22 +123,22 @@ def plot_metric_along_alpha(report: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_divergence(report: dict[str, Any], path: Path) -> Path:
+def plot_divergence(report: Report, path: Path) -> Path:
     """L2 distance to the parent during training, for every child (controls dashed)."""
     plt = _pyplot()
-    steps = report["run"]["spawn_steps"]
+    steps = report.run.spawn_steps
     colors = dict(zip(steps, plt.cm.viridis([i / max(1, len(steps) - 1) for i in range(len(steps))])))
     fig, ax = plt.subplots(figsize=(8, 4.5))
     labelled: set[Any] = set()
-    positive = [v for d in report["divergence"] for v in d["l2"] if v > 0]
-    for d in report["divergence"]:
-        if not d["steps"]:
+    positive = [v for d in report.divergence for v in d.l2 if v > 0]
+    for d in report.divergence:
+        if not d.steps:
             continue
-        key = "control" if d["is_control"] else d["spawn_step"]
-        label = None if key in labelled else ("control children" if d["is_control"] else f"spawned at t = {key}")
+        key = "control" if d.is_control else d.spawn_step
+        label = None if key in labelled else ("control children" if d.is_control else f"spawned at t = {key}")
         labelled.add(key)
-        ax.plot(d["steps"], d["l2"], color="0.3" if d["is_control"] else colors[d["spawn_step"]],
-                ls="--" if d["is_control"] else "-", lw=1.2, label=label)
+        ax.plot(d.steps, d.l2, color="0.3" if d.is_control else colors[d.spawn_step],
+                ls="--" if d.is_control else "-", lw=1.2, label=label)
     if positive:
         ax.set_yscale("symlog", linthresh=min(positive))
     ax.set_xlabel("training step")
@@ -146,12 +146,11 @@ def plot_divergence(report: dict[str, Any], path: Path) -> Path:
     return _finish(fig, ax, path, "Divergence of every child from its parent")
 
 
-def plot_amplification(report: dict[str, Any], path: Path) -> Path | None:
+def plot_amplification(report: Report, path: Path) -> Path | None:
     """Amplification (final L2 to the parent / L2 of the perturbation itself) of every perturbed
     child against its spawn step, with the mean per step. None when no child changed a weight."""
     plt = _pyplot()
-    points = [(p["spawn_step"], p["amplification"]) for p in report["pairs"]
-              if p["kind"] == "parent-child" and not p["is_control"] and p.get("amplification")]
+    points = [(p.spawn_step, p.amplification) for p in report.parent_child() if not p.is_control and p.amplification]
     if not points:
         return None
     steps = sorted({t for t, _ in points})
@@ -166,20 +165,20 @@ def plot_amplification(report: dict[str, Any], path: Path) -> Path | None:
     return _finish(fig, ax, path, "How much training amplified the perturbation, by spawn step")
 
 
-def plot_divergence_normalized(report: dict[str, Any], path: Path) -> Path | None:
+def plot_divergence_normalized(report: Report, path: Path) -> Path | None:
     """Each perturbed child's divergence trajectory divided by the L2 of its perturbation:
     1 at the spawn step, then how training grows or shrinks the difference."""
     plt = _pyplot()
-    curves = [d for d in report["divergence"] if not d["is_control"] and d.get("perturbation_l2") and d["steps"]]
+    curves = [d for d in report.divergence if not d.is_control and d.perturbation_l2 and d.steps]
     if not curves:
         return None
-    steps = report["run"]["spawn_steps"]
+    steps = report.run.spawn_steps
     colors = dict(zip(steps, plt.cm.viridis([i / max(1, len(steps) - 1) for i in range(len(steps))])))
     fig, ax = plt.subplots(figsize=(8, 4.5))
     labelled: set[int] = set()
     for d in curves:  # (the first point is right after the perturbation: 1 for a weight perturbation)
-        t = d["spawn_step"]
-        ax.plot(d["steps"], [v / d["perturbation_l2"] for v in d["l2"]], color=colors[t], lw=1.2,
+        t = d.spawn_step
+        ax.plot(d.steps, [v / d.perturbation_l2 for v in d.l2], color=colors[t], lw=1.2,
                 label=None if t in labelled else f"spawned at t = {t}")
         labelled.add(t)
     ax.axhline(1.0, color="0.4", ls="--", lw=1)
@@ -189,21 +188,21 @@ def plot_divergence_normalized(report: dict[str, Any], path: Path) -> Path | Non
     return _finish(fig, ax, path, "Divergence normalised by the perturbation's size")
 
 
-def plot_cka_heatmap(report: dict[str, Any], path: Path) -> Path | None:
+def plot_cka_heatmap(report: Report, path: Path) -> Path | None:
     """Mean linear CKA between parent and children per layer (rows: spawn steps)."""
     plt = _pyplot()
-    steps = [t for t in report["run"]["spawn_steps"] if _perturbed(report, t)]
+    steps = [t for t in report.run.spawn_steps if _perturbed(report, t)]
     if not steps:
         return None
-    layers = _perturbed(report, steps[0])[0]["cka"]["layers"]
+    layers = _perturbed(report, steps[0])[0].cka.layers
     grid = []
     for t in steps:
-        rows = [p["cka"]["values"] for p in _perturbed(report, t)]
+        rows = [p.cka.values for p in _perturbed(report, t)]
         grid.append([statistics.fmean(v) if (v := [r[i] for r in rows if r[i] is not None]) else float("nan")
                      for i in range(len(layers))])
     fig, ax = plt.subplots(figsize=(max(6.5, 0.8 * len(layers) + 3), max(3.2, 0.6 * len(steps) + 2.2)))
-    image = ax.imshow(grid, aspect="auto", cmap="magma", vmin=min(0.0, *[v for r in grid for v in r if not math.isnan(v)]),
-                      vmax=1.0)
+    lowest = min(0.0, *[v for r in grid for v in r if not math.isnan(v)])
+    image = ax.imshow(grid, aspect="auto", cmap="magma", vmin=lowest, vmax=1.0)
     for i, row in enumerate(grid):
         for j, value in enumerate(row):
             defined = not math.isnan(value)  # NaN: the layer does not vary over examples (CKA undefined)
@@ -215,15 +214,15 @@ def plot_cka_heatmap(report: dict[str, Any], path: Path) -> Path | None:
     ax.set_yticklabels([f"t = {t}" for t in steps])
     ax.set_xlabel("layer (hidden states after it)")
     ax.set_ylabel("spawn step")
-    ax.set_title(f"Linear CKA, parent vs children\n({report['settings']['pooling']} pooling, mean over children)")
+    ax.set_title(f"Linear CKA, parent vs children\n({report.settings.pooling} pooling, mean over children)")
     fig.colorbar(image, ax=ax, label="linear CKA (1 = identical)")
     fig.tight_layout()
     return _save(fig, path)
 
 
-def plot_aligned_vs_unaligned(report: dict[str, Any], path: Path) -> Path | None:
+def plot_aligned_vs_unaligned(report: Report, path: Path) -> Path | None:
     """Eval loss barrier before and after permutation alignment, per spawn step."""
-    method = report["settings"]["alignment"]["method"]
+    method = report.settings.alignment.method
     if method == "none":
         return None
     plt = _pyplot()
@@ -258,7 +257,7 @@ PLOTS = {
 }
 
 
-def render_plots(report: dict[str, Any], folder: str | Path) -> dict[str, Path]:
+def render_plots(report: Report, folder: str | Path) -> dict[str, Path]:
     """Draw every figure that the report has data for into ``folder``; name -> path."""
     folder = Path(folder)
     drawn = {}

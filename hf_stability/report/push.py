@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import PushError
-from ..run_directory import RunDirectory
+from ..run_directory import CARD_NAME, PLOTS_DIR, REPORT_NAME, WEIGHTS_NAME, RunDirectory
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ def _own_file(run: RunDirectory, path: Path) -> Path:
         raise PushError(f"{path} is a symbolic link (to {os.readlink(path)}): push uploads only the regular files "
                         "hf_stability wrote inside the run directory. Remove the link and push again.")
     if not path.is_file():
-        raise PushError(f"{path} is not a regular file: remove it, run `hf-stability report {run.root}` and push again.")
+        raise PushError(f"{path} is not a regular file: remove it, run `hf-stability report {run.root}` and push "
+                        "again.")
     if not path.resolve().is_relative_to(root):
         raise PushError(f"{path} lies outside {root} once links are followed (a linked folder on its way): push "
                         "uploads only files inside the run directory. Replace the link with a real folder.")
@@ -49,20 +50,23 @@ def _own_file(run: RunDirectory, path: Path) -> Path:
 
 
 def _staged_files(run: RunDirectory, include_weights: bool) -> list[tuple[Path, str]]:
-    """What is uploaded: the card, report.json, the report's figures and (if asked) the final
-    weights, each checked by ``_own_file``. Files of other names are never uploaded."""
+    """What is uploaded, and where in the repository: the card, report.json, the report's figures
+    and (if asked) the parent's final/ at the root and every child's weights under
+    children/t<t>/c<k>/, each checked by ``_own_file``. Files of other names are never uploaded."""
     from .plots import PLOTS
 
-    analysis = run.analysis_dir
-    files = [(analysis / "README.md", "README.md"), (analysis / "report.json", "report.json")]
-    files += [(analysis / "plots" / name, f"plots/{name}") for name in PLOTS if (analysis / "plots" / name).exists()
-              or (analysis / "plots" / name).is_symlink()]
+    files = [(run.card_file, CARD_NAME), (run.report_file, REPORT_NAME)]
+    files += [(run.plots_dir / name, f"{PLOTS_DIR}/{name}") for name in PLOTS
+              if (run.plots_dir / name).exists() or (run.plots_dir / name).is_symlink()]
     if include_weights:
         files += [(f, f.name) for f in sorted(run.parent_final.iterdir())
-                  if (f.is_file() or f.is_symlink()) and f.suffix not in PICKLE_SUFFIXES and f.name != "README.md"]
-        for weights in sorted(run.root.glob("children/t*/c*/final/model.safetensors")):
-            child = weights.parent.parent
-            files.append((weights, f"children/{child.parent.name}/{child.name}/model.safetensors"))
+                  if (f.is_file() or f.is_symlink()) and f.suffix not in PICKLE_SUFFIXES and f.name != CARD_NAME]
+        config = run.load_config()
+        for t in config["spawn_steps"]:
+            for k in config["children"]:
+                weights = run.child_final(t, k) / WEIGHTS_NAME
+                if weights.exists() or weights.is_symlink():
+                    files.append((weights, f"{run.child_dir(t, k).relative_to(run.root).as_posix()}/{WEIGHTS_NAME}"))
     return [(_own_file(run, source), name) for source, name in files]
 
 
@@ -107,10 +111,9 @@ def _push(run: RunDirectory, repo_id: str, *, private: bool, include_weights: bo
     from huggingface_hub.errors import HfHubHTTPError
 
     run.remove_temporaries()  # a killed push's staging folder
-    card = run.analysis_dir / "README.md"
-    if not card.is_file():
+    if not run.card_file.is_file():
         raise PushError(f"{run.root} has no rendered report: run `hf-stability report {run.root}` first.")
-    if include_weights and not (run.parent_final / "model.safetensors").is_file():
+    if include_weights and not (run.parent_final / WEIGHTS_NAME).is_file():
         raise PushError(f"{run.parent_final} holds no model.safetensors to upload: the parent has not finished.")
     token = get_token()  # HF_TOKEN, else the huggingface_hub login
     if not token:
@@ -133,6 +136,7 @@ def _push(run: RunDirectory, repo_id: str, *, private: bool, include_weights: bo
                 advice = "the Hub failed on its side: try again later"
             else:
                 advice = "the Hub answered: " + (str(err).splitlines() or [""])[0][:300]
-            raise PushError(f"Uploading to {repo_id} failed (HTTP {status}): {advice}. Nothing local was changed.") from None
+            raise PushError(f"Uploading to {repo_id} failed (HTTP {status}): {advice}. Nothing local was changed.",
+                            status=status) from None
     logger.info("Pushed %s to %s", run.root, commit.commit_url if hasattr(commit, "commit_url") else commit)
     return str(getattr(commit, "commit_url", commit))

@@ -3,6 +3,7 @@ one ``sweep_report.json`` and one plot of barrier against spawn step, a line per
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,12 @@ def collect_sweep(runs: dict[float, str | Path], root: str | Path) -> dict[str, 
     rows, scales = [], sorted(runs)
     for scale in scales:
         report = load_report(runs[scale])
-        for row in report["summary"]:
-            entry: dict[str, Any] = {"scale": scale, "spawn_step": row["spawn_step"],
-                                     "num_children": row["num_children"]}
+        for row in report.summary:
+            entry: dict[str, Any] = {"scale": scale, "spawn_step": row.spawn_step, "num_children": row.num_children}
             for key in SWEEP_KEYS:
-                entry[key] = (row["children"] or {}).get(key)  # the children's {mean, std, n}
-                entry[f"floor_{key}"] = (row["control"] or {}).get(key)
+                stat = row.children.get(key)
+                entry[key] = dataclasses.asdict(stat) if stat is not None else None  # the children's {mean, std, n}
+                entry[f"floor_{key}"] = (row.control or {}).get(key)
             rows.append(entry)
     return {
         "schema_version": SWEEP_SCHEMA_VERSION,

@@ -24,7 +24,8 @@ class _Moments:
     def __init__(self, size: int, device: torch.device):
         f64 = torch.float64
         self.count = torch.zeros((), dtype=f64, device=device)
-        self.sum_a, self.sum_b = torch.zeros(size, dtype=f64, device=device), torch.zeros(size, dtype=f64, device=device)
+        self.sum_a = torch.zeros(size, dtype=f64, device=device)
+        self.sum_b = torch.zeros(size, dtype=f64, device=device)
         self.sq_a, self.sq_b = torch.zeros(size, dtype=f64, device=device), torch.zeros(size, dtype=f64, device=device)
         self.cross = torch.zeros(size, size, dtype=f64, device=device)
 

@@ -31,7 +31,8 @@ def random_permutation(spec: PermutationSpec, generator: torch.Generator | None 
     for group in spec.groups:
         heads = torch.randperm(group.num_heads, generator=generator)
         within = {
-            slot.name: torch.stack([torch.randperm(group.head_dim, generator=generator) for _ in range(group.num_heads)])
+            slot.name: torch.stack(
+                [torch.randperm(group.head_dim, generator=generator) for _ in range(group.num_heads)])
             for slot in group.slots
         }
         perm.update(compose_heads(group, heads, within))

@@ -123,7 +123,8 @@ def weight_matching(
     def visit(run: list[int], direct_only: bool) -> int:
         """Solve groups that share no tensor (in parallel); keep each solution that improves."""
         groups = [spec.groups[i] for i in run]
-        costs = [{s.name: _slot_cost(s, wa, wb, spec, perm, direct_only).cpu().numpy() for s in g.slots} for g in groups]
+        costs = [{s.name: _slot_cost(s, wa, wb, spec, perm, direct_only).cpu().numpy() for s in g.slots}
+                 for g in groups]
         improved = 0
         for i, group, cost, proposal in zip(run, groups, costs, pool.map(solve_group, groups, costs)):
             stale.discard(i)

@@ -27,4 +27,6 @@ def permutation_spec(model: nn.Module) -> PermutationSpec:
     )
 
 
-__all__ = ["BERT_LAYOUT_TYPES", "FAMILIES", "SpecBuilder", "permutation_spec", "register_spec", "supported_architectures"]
+__all__ = [
+    "BERT_LAYOUT_TYPES", "FAMILIES", "SpecBuilder", "permutation_spec", "register_spec", "supported_architectures",
+]

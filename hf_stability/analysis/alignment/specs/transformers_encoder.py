@@ -133,7 +133,8 @@ def transformers_encoder_spec(model: nn.Module) -> PermutationSpec:
     for name, head in heads:
         if isinstance(head, nn.Linear):  # classifier, qa_outputs
             builder.linear(name, pooled if name == "classifier" else residual, None)
-        elif isinstance(getattr(head, "dense", None), nn.Linear) and isinstance(getattr(head, "out_proj", None), nn.Linear):
+        elif (isinstance(getattr(head, "dense", None), nn.Linear)
+              and isinstance(getattr(head, "out_proj", None), nn.Linear)):
             inner = builder.plain(name, head.dense.out_features)  # RoBERTa's classification head
             builder.linear(f"{name}.dense", residual, inner)
             builder.linear(f"{name}.out_proj", inner, None)

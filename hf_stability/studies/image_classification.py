@@ -27,14 +27,21 @@ from transformers import (
 )
 from transformers import set_seed as hf_set_seed
 
-from ..arguments import StabilityArguments
 from ..data import load_fashion_mnist
 from ..data.hub import load_named, load_named_dataset
-from ..errors import HfStabilityError
+from ..enums import ExplicitEnum
+from ..errors import StudyArgumentsError
 from ..metrics import classification_metrics
-from ..trainer import StabilityTrainer
+from ..training import StabilityArguments, StabilityTrainer
 
-MODEL_TYPES = ("vit", "timm")
+
+class ImageModelType(ExplicitEnum):
+    """Which Vision Transformer implementation an image study trains."""
+
+    __label__ = "model_type"
+    __error__ = StudyArgumentsError
+    VIT = "vit"  # transformers' ViTForImageClassification
+    TIMM = "timm"  # a timm VisionTransformer through transformers' TimmWrapperForImageClassification
 FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
 #: Fashion-MNIST's pixel mean and std (over the training set), used to normalise its images.
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
@@ -44,7 +51,8 @@ FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 class ImageModelArguments:
     """Which Vision Transformer an image study trains."""
 
-    model_type: str = field(default="vit", metadata={"help": "'vit' (transformers ViT) or 'timm' (timm ViT)."})
+    model_type: ImageModelType = field(
+        default=ImageModelType.VIT, metadata={"help": "'vit' (transformers ViT) or 'timm' (timm ViT)."})
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "A pretrained model folder (e.g. from recipes/pretrain_vit.py) or Hub name; none: random "
@@ -66,15 +74,14 @@ class ImageModelArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.model_type not in MODEL_TYPES:
-            raise HfStabilityError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}.")
+        self.model_type = ImageModelType(self.model_type)
         if self.image_size % self.patch_size:
-            raise HfStabilityError(
+            raise StudyArgumentsError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}: choose a patch "
                 "size that divides the image."
             )
         if self.hidden_size % self.num_attention_heads:
-            raise HfStabilityError(
+            raise StudyArgumentsError(
                 f"hidden_size {self.hidden_size} does not split into {self.num_attention_heads} heads."
             )
 
@@ -100,16 +107,7 @@ class ImageDataArguments:
 
     def __post_init__(self) -> None:
         if not self.classes or len(set(self.classes)) != len(self.classes):
-            raise HfStabilityError(f"classes must be distinct labels, at least one; got {self.classes}.")
-
-
-@dataclass
-class ImageClassificationArguments(ImageDataArguments, ImageModelArguments):
-    """Model and data of an image classification study in one object."""
-
-    def __post_init__(self) -> None:
-        ImageModelArguments.__post_init__(self)
-        ImageDataArguments.__post_init__(self)
+            raise StudyArgumentsError(f"classes must be distinct labels, at least one; got {self.classes}.")
 
 
 def load_image_splits(args: ImageDataArguments) -> DatasetDict:
@@ -125,11 +123,11 @@ def load_image_splits(args: ImageDataArguments) -> DatasetDict:
     out = {}
     for split, limit in limits.items():
         if split not in splits:
-            raise HfStabilityError(f"Dataset {args.dataset!r} has no {split!r} split (it has {list(splits)}).")
+            raise StudyArgumentsError(f"Dataset {args.dataset!r} has no {split!r} split (it has {list(splits)}).")
         data: Dataset = splits[split]
         missing = {args.image_column, args.label_column} - set(data.column_names)
         if missing:
-            raise HfStabilityError(
+            raise StudyArgumentsError(
                 f"Dataset {args.dataset!r} split {split!r} lacks columns {sorted(missing)}; pass --image_column / "
                 f"--label_column (columns: {data.column_names})."
             )
@@ -137,7 +135,7 @@ def load_image_splits(args: ImageDataArguments) -> DatasetDict:
         if limit is not None:
             data = data.select(range(min(limit, len(data))))
         if len(data) == 0:
-            raise HfStabilityError(f"No {split} example of {args.dataset!r} has a label in {args.classes}.")
+            raise StudyArgumentsError(f"No {split} example of {args.dataset!r} has a label in {args.classes}.")
 
         def encode(batch):
             grey = np.stack([np.asarray(img.convert("L"), dtype=np.float32) for img in batch[args.image_column]])
@@ -160,7 +158,7 @@ def build_image_model(args: ImageModelArguments, num_labels: int) -> PreTrainedM
                 head.weight.normal_(0.0, 0.02)
                 head.bias.zero_()
         return model
-    if args.model_type == "vit":
+    if args.model_type == ImageModelType.VIT:
         return ViTForImageClassification(ViTConfig(
             image_size=args.image_size, patch_size=args.patch_size, num_channels=1, hidden_size=args.hidden_size,
             num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
@@ -176,24 +174,26 @@ def build_image_model(args: ImageModelArguments, num_labels: int) -> PreTrainedM
 
 
 def build_image_classification_trainer(
-    task: ImageClassificationArguments,
+    model_args: ImageModelArguments,
+    data_args: ImageDataArguments,
     stability: StabilityArguments,
     training: TrainingArguments,
 ) -> StabilityTrainer:
     """Encode the images and return a StabilityTrainer whose model_init is seeded by ``training.seed``."""
-    splits = load_image_splits(task)
-    num_labels = len(task.classes)
+    splits = load_image_splits(data_args)
+    num_labels = len(data_args.classes)
     # the report card's metadata names Hub ids only, never local folders
-    if task.model_name_or_path and not Path(task.model_name_or_path).exists() and not stability.base_model:
-        stability = replace(stability, base_model=task.model_name_or_path)
+    name = model_args.model_name_or_path
+    if name and not Path(name).exists() and not stability.base_model:
+        stability = replace(stability, base_model=name)
     if not stability.dataset_name:
-        hub_name = FASHION_MNIST_HUB_ID if task.dataset == "fashion_mnist" else task.dataset
+        hub_name = FASHION_MNIST_HUB_ID if data_args.dataset == "fashion_mnist" else data_args.dataset
         if not Path(hub_name).exists():
             stability = replace(stability, dataset_name=hub_name)
 
     def model_init() -> PreTrainedModel:
         hf_set_seed(training.seed)
-        return build_image_model(task, num_labels)
+        return build_image_model(model_args, num_labels)
 
     return StabilityTrainer(
         model_init=model_init,

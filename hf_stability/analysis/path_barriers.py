@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from typing import Any
 
 from torch import nn
@@ -11,24 +10,9 @@ from tqdm.auto import tqdm
 
 from .evaluation import EvalData, EvalSums, Evaluator
 from .interpolation import Interpolator, default_alphas
+from .schema import BarrierResult
 
 BUILTIN_METRICS = ("loss", "error")
-
-
-@dataclass
-class BarrierResult:
-    """``values[i]`` is the metric (lower is better) at ``alphas[i]``;
-    ``barrier = max_i values[i] - ((1 - alphas[i]) endpoint_a + alphas[i] endpoint_b)``."""
-
-    metric: str
-    alphas: list[float]
-    values: list[float]
-    endpoint_a: float
-    endpoint_b: float
-    barrier: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def barrier_from_values(alphas: Sequence[float], values: Sequence[float]) -> float:
@@ -85,7 +69,8 @@ def barriers(
     keep = any(not isinstance(m, str) for m in metrics)
     interpolator = Interpolator(a, b)
     sums: list[EvalSums] = []
-    for i, alpha in enumerate(tqdm(points, desc=f"barrier on {data.name}", disable=not evaluator.progress, leave=False)):
+    progress = tqdm(points, desc=f"barrier on {data.name}", disable=not evaluator.progress, leave=False)
+    for i, alpha in enumerate(progress):
         cached = endpoints[0] if i == 0 else endpoints[1] if i == len(points) - 1 else None
         if cached is not None and (not keep or cached.predictions is not None):
             sums.append(cached)

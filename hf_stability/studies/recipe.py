@@ -1,4 +1,5 @@
-"""What every recipe does after training: analyze the run directory and render its report.
+"""What every recipe shares: its arguments from a config file and flags, and after training the
+analysis and the report.
 
 ``RecipeAnalysisArguments`` holds the analyzer options a recipe exposes; its field names do not
 clash with TrainingArguments, so one HfArgumentParser parses both.
@@ -12,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import HfStabilityError
+from ..analysis.arguments import AlignmentMethod, Autocast, Pairs
+from ..errors import StudyArgumentsError
 
 logger = logging.getLogger(__name__)
 
@@ -22,25 +24,25 @@ class RecipeAnalysisArguments:
     """Analysis and report at the end of a recipe (``hf-stability analyze`` has them all)."""
 
     analyze: bool = field(default=True, metadata={"help": "Analyze the run and write its report when training ends."})
-    alignment: str = field(default="weight", metadata={"help": "Permutation alignment: weight | activation | none."})
-    pairs: str = field(default="parent-child", metadata={"help": "Pairs to measure: parent-child | child-child | all."})
+    alignment: AlignmentMethod = field(default=AlignmentMethod.WEIGHT, metadata={"help": "Permutation alignment."})
+    pairs: Pairs = field(default=Pairs.PARENT_CHILD, metadata={"help": "Pairs to measure."})
     alphas: int = field(default=11, metadata={"help": "Interpolation points in [0, 1] for the barriers."})
     analysis_eval_batch_size: int = field(default=256, metadata={"help": "Batch size of the analyzer."})
     analysis_train_subset: int = field(default=512, metadata={"help": "Train examples for train-set barriers."})
-    analysis_autocast: str = field(default="none", metadata={"help": "Analyzer autocast: none | bf16 | fp16."})
+    analysis_autocast: Autocast = field(default=Autocast.NONE, metadata={"help": "Analyzer autocast."})
     reanalyze: bool = field(
         default=False,
         metadata={"help": "Measure again even when RUN/analysis/report.json already holds this analysis."},
     )
 
 
-def analyze_and_report(run_dir: str | Path, args: RecipeAnalysisArguments, accelerator: Any = None) -> dict | None:
+def analyze_and_report(run_dir: str | Path, args: RecipeAnalysisArguments, accelerator: Any = None) -> Any:
     """Analyze ``run_dir`` on every process (``accelerator`` splits the work) and render the
     report on the main one. Returns the report (None when ``args.analyze`` is off)."""
     if not args.analyze:
         return None
-    from .analysis import AnalyzeArguments, analyze_run
-    from .report import write_report
+    from ..analysis import AnalyzeArguments, analyze_run
+    from ..report import write_report
 
     analyze_args = AnalyzeArguments(
         pairs=args.pairs, alphas=args.alphas, batch_size=args.analysis_eval_batch_size,
@@ -50,7 +52,7 @@ def analyze_and_report(run_dir: str | Path, args: RecipeAnalysisArguments, accel
     report = analyze_run(run_dir, analyze_args, accelerator)
     if accelerator is None or accelerator.is_main_process:
         files = write_report(run_dir)
-        logger.info("Report: %s (plots in %s)", files.card, files.card.parent / "plots")
+        logger.info("Report: %s (plots: %s)", files.card, ", ".join(sorted(files.plots)))
     return report
 
 
@@ -91,20 +93,20 @@ def parse_args(parser: Any, argv: list[str] | None = None) -> tuple[Any, ...]:
         return parse_flags(parser, argv)
     config_file, overrides = Path(argv[0]), argv[1:]
     if not config_file.is_file():
-        raise HfStabilityError(f"Config file {config_file} does not exist: give the path of a JSON or YAML file.")
+        raise StudyArgumentsError(f"Config file {config_file} does not exist: give the path of a JSON or YAML file.")
     import yaml
 
     try:
         text = config_file.read_text(encoding="utf-8")
         values = json.loads(text) if config_file.suffix == ".json" else yaml.safe_load(text)
     except (OSError, ValueError, yaml.YAMLError) as err:
-        raise HfStabilityError(f"Config file {config_file} cannot be read ({err}): fix its syntax.") from None
+        raise StudyArgumentsError(f"Config file {config_file} cannot be read ({err}): fix its syntax.") from None
     if not isinstance(values, dict):
-        raise HfStabilityError(f"Config file {config_file} must hold a mapping of option names to values.")
+        raise StudyArgumentsError(f"Config file {config_file} must hold a mapping of option names to values.")
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise HfStabilityError(f"{config_file} has keys that are no option of this recipe: {unknown} (see --help).")
+        raise StudyArgumentsError(f"{config_file} has keys that are no option of this recipe: {unknown} (see --help).")
     if not overrides:
         return parser.parse_dict(values)
     parser.set_defaults(**values)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import PerturbationConfigError, SpawnStepError
-from .perturb import KINDS, SCALE_MODES, PerturbationConfig
+from ..enums import plain
+from ..errors import SpawnStepError, StudyArgumentsError
+from ..perturb import PerturbationConfig, PerturbationKind, ScaleMode
 
 
 @dataclass
@@ -27,16 +28,16 @@ class StabilityArguments:
         default=True,
         metadata={"help": "Also train an unperturbed control child (child 0) per spawn step: the noise floor."},
     )
-    perturbation_kind: str = field(
-        default="gaussian",
-        metadata={"help": f"What changes at the spawn step: {', '.join(k for k in KINDS if k != 'none')}."},
+    perturbation_kind: PerturbationKind = field(
+        default=PerturbationKind.GAUSSIAN,
+        metadata={"help": "What changes at the spawn step (none: every child is a control)."},
     )
     perturbation_scale: float = field(
         default=0.01, metadata={"help": "sigma: noise = sigma * s_p * eps_p for each parameter tensor p."}
     )
-    perturbation_scale_mode: str = field(
-        default="init",
-        metadata={"help": f"s_p: {' | '.join(SCALE_MODES)} (initialiser std, current std, or 1)."},
+    perturbation_scale_mode: ScaleMode = field(
+        default=ScaleMode.INIT,
+        metadata={"help": "s_p: the initialiser's std, the tensor's current std, or 1."},
     )
     perturbation_normalize: bool = field(
         default=False,
@@ -107,14 +108,16 @@ class StabilityArguments:
             raise SpawnStepError(f"spawn_steps must be >= 0, got {steps}.")
         self.spawn_steps = sorted(set(steps))
         if self.num_children < 0:
-            raise PerturbationConfigError(f"num_children must be >= 0, got {self.num_children}.")
+            raise StudyArgumentsError(f"num_children must be >= 0, got {self.num_children}.")
         if self.parallel_children < 1:
-            raise PerturbationConfigError(f"parallel_children must be >= 1, got {self.parallel_children}.")
+            raise StudyArgumentsError(f"parallel_children must be >= 1, got {self.parallel_children}.")
         if self.num_children == 0 and not self.control_child:
-            raise PerturbationConfigError("No child to train: set num_children >= 1 or control_child=True.")
+            raise StudyArgumentsError("No child to train: set num_children >= 1 or control_child=True.")
         if self.divergence_every < 0:
-            raise PerturbationConfigError(f"divergence_every must be >= 0, got {self.divergence_every}.")
-        self.perturbation_config()  # validates kind, scale, patterns...
+            raise StudyArgumentsError(f"divergence_every must be >= 0, got {self.divergence_every}.")
+        # validates kind, scale, patterns... and converts the choices given as strings
+        config = self.perturbation_config()
+        self.perturbation_kind, self.perturbation_scale_mode = config.kind, config.scale_mode
 
     def perturbation_config(self) -> PerturbationConfig:
         """The perturbation every non-control child receives (the seed is mixed with step and child)."""
@@ -144,11 +147,11 @@ class StabilityArguments:
 
     def config_for_child(self, child: int) -> PerturbationConfig:
         if child == 0:
-            return PerturbationConfig(kind="none", scale=0.0, seed=self.perturbation_seed)
+            return PerturbationConfig(kind=PerturbationKind.NONE, scale=0.0, seed=self.perturbation_seed)
         return self.perturbation_config()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return plain(asdict(self))
 
     def plan(self) -> dict[str, Any]:
         """What the run directory's stability_config.json says of the study's layout: the spawn
@@ -169,5 +172,5 @@ class StabilityArguments:
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise PerturbationConfigError(f"unknown stability arguments {unknown}")
+            raise StudyArgumentsError(f"unknown stability arguments {unknown}")
         return cls(**values)

@@ -8,17 +8,29 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .arguments import StabilityArguments
-from .errors import HfStabilityError
-from .tasks import TextClassificationArguments, build_text_classification_trainer
-from .trainer import ButterflyResult
+from ..enums import ExplicitEnum
+from ..errors import StudyArgumentsError
+from ..training import ButterflyResult, StabilityArguments
+from .text_classification import TextDataArguments, TextModelArguments, build_text_classification_trainer
 
 #: Sizes of the demo; "small" finishes in under 10 minutes on 2 CPU cores.
 PRESETS = {
     "small": dict(train=1024, eval=512, max_length=48, max_steps=40, batch=16, spawn=[0, 10, 25], children=2, every=5),
-    "medium": dict(train=4096, eval=1024, max_length=64, max_steps=200, batch=32, spawn=[0, 25, 100, 150], children=3, every=10),
-    "large": dict(train=None, eval=None, max_length=64, max_steps=1000, batch=32, spawn=[0, 50, 200, 500, 800], children=4, every=25),
+    "medium": dict(train=4096, eval=1024, max_length=64, max_steps=200, batch=32, spawn=[0, 25, 100, 150],
+                   children=3, every=10),
+    "large": dict(train=None, eval=None, max_length=64, max_steps=1000, batch=32, spawn=[0, 50, 200, 500, 800],
+                  children=4, every=25),
 }
+
+
+class DemoSize(ExplicitEnum):
+    """The demo's presets (PRESETS): small finishes in under 10 minutes on 2 CPU cores."""
+
+    __label__ = "demo size"
+    __error__ = StudyArgumentsError
+    SMALL = "small"
+    MEDIUM = "medium"
+    LARGE = "large"
 
 
 @dataclass
@@ -26,7 +38,7 @@ class DemoArguments:
     """Options of ``hf-stability demo``; unset values come from the ``size`` preset."""
 
     output_dir: str = field(default="runs/demo", metadata={"help": "Run directory."})
-    size: str = field(default="small", metadata={"help": f"Preset: {' | '.join(PRESETS)} (small: < 10 min on 2 CPUs)."})
+    size: DemoSize = field(default=DemoSize.SMALL, metadata={"help": "Preset (small: < 10 min on 2 CPUs)."})
     spawn_steps: list[int] | None = field(default=None, metadata={"help": "Override the preset's spawn steps."})
     num_children: int | None = field(default=None, metadata={"help": "Perturbed children per spawn step."})
     perturbation_scale: float = field(default=0.01, metadata={"help": "sigma of the Gaussian perturbation."})
@@ -41,15 +53,17 @@ class DemoArguments:
     analyze: bool = field(default=True, metadata={"help": "End with the analysis and the report (plots, card)."})
 
     def __post_init__(self) -> None:
-        if self.size not in PRESETS:
-            raise HfStabilityError(f"Unknown demo size {self.size!r}: choose one of {', '.join(PRESETS)}.")
+        self.size = DemoSize(self.size)
 
 
-def demo_arguments(demo: DemoArguments) -> tuple[TextClassificationArguments, StabilityArguments, TrainingArguments]:
-    preset = PRESETS[demo.size]
+def demo_arguments(
+    demo: DemoArguments,
+) -> tuple[TextModelArguments, TextDataArguments, StabilityArguments, TrainingArguments]:
+    """The demo's four argument dataclasses, from its preset and overrides."""
+    preset = PRESETS[demo.size.value]
     max_steps = demo.max_steps or preset["max_steps"]
-    task = TextClassificationArguments(
-        model_name_or_path="minilm",
+    model = TextModelArguments(model_name_or_path="minilm")
+    data = TextDataArguments(
         dataset="tweets",
         max_train_samples=preset["train"],
         max_eval_samples=preset["eval"],
@@ -76,23 +90,21 @@ def demo_arguments(demo: DemoArguments) -> tuple[TextClassificationArguments, St
         report_to="none",
         dataloader_num_workers=0,
     )
-    return task, stability, training
+    return model, data, stability, training
 
 
 def run_demo(demo: DemoArguments) -> ButterflyResult:
-    task, stability, training = demo_arguments(demo)
-    trainer = build_text_classification_trainer(task, stability, training)
-    return trainer.butterfly()
+    return build_text_classification_trainer(*demo_arguments(demo)).butterfly()
 
 
 #: Analyzer settings of the demo: enough examples for stable barriers, quick on 2 CPU cores.
 DEMO_ANALYSIS = {"eval_samples": 128, "train_samples": 64, "alphas": 5, "batch_size": 64}
 
 
-def analyze_demo(run_dir: Path) -> tuple[dict, Any]:
-    """Analyze the demo's run directory and render its report; returns (report, ReportFiles)."""
-    from .analysis import AnalyzeArguments, analyze_run
-    from .report import write_report
+def analyze_demo(run_dir: Path) -> tuple[Any, Any]:
+    """Analyze the demo's run directory and render its report; returns (Report, ReportFiles)."""
+    from ..analysis import AnalyzeArguments, analyze_run
+    from ..report import write_report
 
     report = analyze_run(run_dir, AnalyzeArguments(**DEMO_ANALYSIS))
     return report, write_report(run_dir)

@@ -9,28 +9,39 @@ the same batches, learning-rate schedule, gradient accumulation, mixed precision
 Dropout masks come from ``randomness="same"``, which draws each mask once, as one child alone
 would; ``SameMaskDropout`` makes the parent and children trained alone draw theirs the same way.
 
-What a stacked model cannot do the same way is handled here: gradient clipping per child
-(``clip_per_child``, called by StabilityTrainer in place of the Trainer's clipping),
-divergence per child (``ChildDivergenceCallback``) and NaN detection per child
-(``ChildLossCallback``).
+Policy and mechanism live here together: what stacked children cannot do as children alone
+would is refused before anything trains (``check_parallel_children``), and a group is trained
+and written like children alone (``train_stacked_group``). Gradient clipping per child
+(``clip_per_child``) is called by StabilityMixin in place of the Trainer's clipping; divergence
+and NaN detection per child are callbacks.py's ``StackedDivergenceCallback`` and
+``ChildLossCallback``.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainingArguments
 
-from .divergence import LOG_KEY, DivergenceCallback, DivergenceLog, squared_distance_to_file
+from ..atomic_io import write_json
+from ..errors import RunDirectoryError, StudySetupError
+from ..perturb import PerturbationKind, perturb_model
+from ..run_directory import OPTIMIZER_NAME
+
+if TYPE_CHECKING:
+    from ..run_directory import RunDirectory
+    from .study import ButterflyStudy
 
 logger = logging.getLogger(__name__)
 
@@ -141,8 +152,6 @@ def stacked_optimizer_state(path: Path, num_children: int) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        from .errors import RunDirectoryError
-
         raise RunDirectoryError(
             f"{path} cannot be read ({type(err).__name__}: {str(err)[:200]}): the spawn checkpoint is damaged. "
             "Restore it from a copy of the run, or train the parent again with --overwrite_run."
@@ -209,56 +218,144 @@ def clip_per_child(model: StackedModel, max_norm: float | None) -> float:
     return float(finite.mean()) if finite.numel() else float("nan")
 
 
-class StackedDivergenceCallback(DivergenceCallback):
-    """Divergence of every child of a stacked run: at each divergence step the parent's file is
-    read once and compared with all K children on their device. Logged as
-    ``divergence/l2_to_parent/c<k>`` and written to the files of ``output_files`` (child -> its
-    divergence.jsonl; a child already finished by an earlier, killed run has none). A NaN or Inf
-    distance marks that child in ``diverged`` instead of stopping its siblings."""
+# ---- policy -------------------------------------------------------------------------------------
+def check_parallel_children(trainer: Any) -> None:
+    """Refuse, before anything trains, what stacked children cannot do as children alone would.
 
-    def __init__(self, children: list[int], diverged: dict[int, dict[str, Any]], output_files: dict[int, Path],
-                 **kwargs: Any):
-        super().__init__(output_file=next(iter(output_files.values())), **kwargs)
-        self.children, self.diverged = children, diverged
-        self.logs = {child: DivergenceLog(path, self.spawn_step) for child, path in output_files.items()}
+    Raises:
+        StudySetupError: the set-up needs children one at a time, or the stack does not fit.
+    """
+    from transformers import Trainer
 
-    def _record(self, state: TrainerState, model: nn.Module) -> list[float]:
-        params = {n: p for n, p in model.template.named_parameters() if p.is_floating_point()}
-        values = squared_distance_to_file(params, self.path_for(state.global_step), stacked=True).sqrt().tolist()
-        for child, l2 in zip(self.children, values):
-            if child in self.diverged:
+    stability, args = trainer.stability_args, trainer.args
+    problems = []
+    if stability.perturbation_kind in (PerturbationKind.DATA_ORDER, PerturbationKind.DROPOUT):
+        problems.append(f"perturbation_kind={stability.perturbation_kind.value!r} gives each child its own data order "
+                        "or dropout stream, and a stacked model sees one")
+    if args.world_size > 1:
+        problems.append("it runs on one device (this run has several processes)")
+    if str(getattr(args.optim, "value", args.optim)) not in ELEMENTWISE_OPTIMIZERS:
+        problems.append(f"optim={args.optim!r}: only AdamW ({', '.join(ELEMENTWISE_OPTIMIZERS)}) is elementwise, "
+                        "so that one optimizer over the stacked tensors is one optimizer per child")
+    for flag in ("gradient_checkpointing", "torch_compile", "deepspeed", "fsdp"):
+        if getattr(args, flag, None):
+            problems.append(f"{flag} is not supported for stacked children")
+    hooks = ("_clip_grad_norm", "_get_grad_norm", "_load_from_checkpoint", "_load_optimizer_and_scheduler")
+    if not all(hasattr(Trainer, hook) for hook in hooks):
+        problems.append(f"this transformers version lacks one of the Trainer methods {', '.join(hooks)}, through "
+                        "which stacked children are clipped and resumed; upgrade transformers")
+    if trainer.compute_loss_func is not None or type(trainer).compute_loss is not Trainer.compute_loss:
+        problems.append("a custom loss (compute_loss_func or an overridden compute_loss) sees all children at once")
+    if problems:
+        raise StudySetupError(
+            f"parallel_children={stability.parallel_children} cannot be used here: " + "; ".join(problems)
+            + ". Set parallel_children=1 to train the children one after the other."
+        )
+    model = trainer.model if trainer.model is not None else trainer.call_model_init()
+    seq_len = None
+    try:  # the real sequence length of a batch, for the activations' share of the estimate
+        first = next(iter(trainer.get_train_dataloader()))
+        seq_len = int(first["input_ids"].shape[-1]) if "input_ids" in first else None
+    except (StopIteration, KeyError, TypeError, AttributeError):
+        pass
+    need = estimate_bytes(model, stability.parallel_children, args, seq_len)
+    have = available_bytes(args.device)
+    if need > 0.9 * have:
+        raise StudySetupError(
+            f"parallel_children={stability.parallel_children} needs about {need / 2**30:.1f} GiB on {args.device} "
+            f"(weights, gradients and AdamW state of every child plus one batch of activations each), and "
+            f"{have / 2**30:.1f} GiB are free. Lower parallel_children or the batch size."
+        )
+
+
+# ---- mechanism ----------------------------------------------------------------------------------
+def train_stacked_group(
+    study: ButterflyStudy, run: RunDirectory, t: int, children: list[int], pending: list[int]
+) -> None:
+    """Train ``children`` of spawn step ``t`` as one stacked model, then write the final/ of each
+    child in ``pending`` like a child trained alone (the others are already written). A killed
+    group restarts from the spawn checkpoint."""
+    from .callbacks import ChildLossCallback, StackedDivergenceCallback, independent_batch
+    from .checkpoints import checkpoint_state_dict
+    from .divergence import divergence_steps
+    from .study import RunSettings, call_without_trial, run_scope
+
+    trainer, stability = study.trainer, study.stability
+    spawn = study.spawn_checkpoint(run, t)
+    template = trainer.model if trainer.model is not None else trainer.call_model_init()
+    # The dataset columns the model takes come from its forward signature: read them now, from the
+    # real model, not later from the stacked model's forward(**inputs).
+    trainer._set_signature_columns_if_needed()
+    weights = checkpoint_state_dict(template, spawn)
+    configs = {k: stability.config_for_child(k) for k in children}
+    batches: dict[int, Any] = {}
+    if any(config.kind == PerturbationKind.BATCH for config in configs.values()):
+        dataloader = trainer.get_train_dataloader()
+        batches = {k: independent_batch(dataloader, configs[k], t, k) for k in children}
+    for k in pending:
+        run.child_dir(t, k).mkdir(parents=True, exist_ok=True)
+        for stale in run.child_dir(t, k).glob("checkpoint-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def perturbed_child(k: int) -> nn.Module:
+        model = copy.deepcopy(template)
+        model.load_state_dict(weights, strict=False)
+        record = perturb_model(model, configs[k], step=t, child=k, batch=batches.get(k))
+        if k in pending:
+            write_json(run.perturbation_file(t, k), record.to_dict())
+        return model
+
+    # Weight noise is drawn from each child's own CPU generator and touches no global RNG, so the
+    # children are perturbed in threads (the draws dominate the set-up of a group). A gradient
+    # perturbation runs a forward pass, whose dropout uses the global RNG: one at a time.
+    workers = 1 if batches else min(len(children), os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        models = list(pool.map(perturbed_child, children))
+    stacked = StackedModel(models)
+    del models
+
+    group_dir = run.stacked_group_dir(t, children)
+    shutil.rmtree(group_dir, ignore_errors=True)
+    group_dir.mkdir(parents=True)
+    diverged: dict[int, dict[str, Any]] = {}
+    original_init = trainer.model_init
+
+    def stacked_init() -> nn.Module:
+        # Build (and drop) one model as train() would: the global RNG then stands where it stands
+        # for a child trained alone (the data sampler draws its seed from it).
+        call_without_trial(original_init)
+        return stacked
+
+    settings = RunSettings(
+        output_dir=group_dir,
+        callbacks=[
+            ChildLossCallback(children, diverged),
+            StackedDivergenceCallback(
+                children, diverged, output_files={k: run.divergence_file(t, k) for k in pending}, spawn_step=t,
+                steps=divergence_steps(t, study.max_steps, stability.divergence_every),
+                path_for=lambda step: study.reference_file(run, step), logs=trainer.divergence_logs,
+            ),
+        ],
+        stacked_numerics=study.stacked_numerics,
+        # The group resumes from the spawn checkpoint itself (trainer state, RNG, scheduler, scaler);
+        # the weights are already in the stacked model and the optimizer state is repeated K times in
+        # memory (StabilityMixin._load_from_checkpoint and _load_optimizer_and_scheduler).
+        stacked_optimizer_state=stacked_optimizer_state(spawn / OPTIMIZER_NAME, len(children)),
+        model=stacked,
+        model_init=stacked_init if original_init is not None else None,
+        # no intermediate checkpoints or evaluations of the stack: each child is evaluated at the end
+        args={"save_strategy": "no", "eval_strategy": "no"},
+    )
+    with run_scope(trainer, settings):
+        study.train_run(spawn, settings.callbacks)
+        for index, k in enumerate(children):
+            if k not in pending:
                 continue
-            if state.is_world_process_zero and child in self.logs:
-                self.logs[child].append(state.global_step, l2)
-            if not math.isfinite(l2):
-                self.diverged[child] = {"step": state.global_step, "reason": f"L2 distance to the parent is {l2}"}
-        return values
-
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if state.is_world_process_zero:
-            for log in self.logs.values():
-                log.start(state.global_step)
-
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if self.measured_at(state.global_step):
-            for child, l2 in zip(self.children, self._record(state, kwargs["model"])):
-                if child not in self.diverged or self.diverged[child]["step"] == state.global_step:
-                    self.pending_logs[f"{LOG_KEY}/c{child}"] = l2
-            control.should_log = True
-
-
-class ChildLossCallback(TrainerCallback):
-    """Marks a child diverged at the first step whose training loss is NaN or Inf."""
-
-    def __init__(self, children: list[int], diverged: dict[int, dict[str, Any]]):
-        self.children, self.diverged = children, diverged
-
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        losses = kwargs["model"].last_losses
-        if losses is None:
-            return
-        for child, value in zip(self.children, losses.tolist()):
-            if not math.isfinite(value) and child not in self.diverged:
-                self.diverged[child] = {"step": state.global_step, "reason": f"training loss is {value}"}
-                logger.warning("Child %d diverged at step %d (loss %s); its siblings go on.", child,
-                               state.global_step, value)
+            if k in diverged:
+                logger.warning("Child %d of spawn step %d diverged at step %d (%s); going on.", k, t,
+                               diverged[k]["step"], diverged[k]["reason"])
+                write_json(run.diverged_file(t, k), diverged[k])
+                continue
+            trainer.model = trainer.model_wrapped = unstack_into(stacked, index, template)
+            study.finalize(run.child_final(t, k), study.child_records(run, t, k))
+    shutil.rmtree(group_dir, ignore_errors=True)

@@ -1,4 +1,9 @@
-"""Text classification study: a BERT-family model fine-tuned on a labelled text dataset."""
+"""Text classification study: a BERT-family model fine-tuned on a labelled text dataset.
+
+``build_text_classification_trainer(model_args, data_args, stability_args, training_args)``
+takes its four argument dataclasses separately, as run_glue does; the CLI's ``train`` command
+and recipes/butterfly_text_classification.py parse them with one HfArgumentParser.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,11 @@ from datasets import DatasetDict
 from transformers import AutoConfig, AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments
 from transformers import set_seed as hf_set_seed
 
-from ..arguments import StabilityArguments
 from ..data import load_drug_reviews, load_tokenizer, load_tweet_sentiment, resolve_model
 from ..data.hub import load_named, load_named_dataset
-from ..errors import HfStabilityError
+from ..errors import StudyArgumentsError
 from ..metrics import classification_metrics
-from ..trainer import StabilityTrainer
+from ..training import StabilityArguments, StabilityTrainer
 
 OFFLINE_DATASETS = {"tweets": load_tweet_sentiment, "drug_reviews": load_drug_reviews}
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -52,38 +56,34 @@ class TextDataArguments:
 
     def __post_init__(self) -> None:
         if self.max_length < 8:
-            raise HfStabilityError(f"max_length must be >= 8 tokens, got {self.max_length}.")
+            raise StudyArgumentsError(f"max_length must be >= 8 tokens, got {self.max_length}.")
 
 
-@dataclass
-class TextClassificationArguments(TextDataArguments, TextModelArguments):
-    """Model and data of a text classification study in one object (``hf-stability train``)."""
-
-
-def _card_metadata(task: TextClassificationArguments, stability: StabilityArguments) -> StabilityArguments:
+def _card_metadata(model_args: TextModelArguments, data_args: TextDataArguments,
+                   stability: StabilityArguments) -> StabilityArguments:
     """Fill the report card's base_model / dataset_name from Hub names (never from local paths)."""
-    model = task.model_name_or_path
+    model = model_args.model_name_or_path
     # a model trained from random initialisation has no base model, whatever was passed
-    base_model = None if task.random_init else stability.base_model or (
+    base_model = None if model_args.random_init else stability.base_model or (
         MINILM_HUB_ID if model in ("", "minilm") else None if Path(model).exists() else model
     )
-    dataset = task.dataset
+    dataset = data_args.dataset
     dataset_name = stability.dataset_name or (
         None if dataset in OFFLINE_DATASETS or Path(dataset).exists() else dataset
     )
     return replace(stability, base_model=base_model, dataset_name=dataset_name)
 
 
-def load_text_splits(args: TextClassificationArguments) -> DatasetDict:
+def load_text_splits(args: TextDataArguments) -> DatasetDict:
     loader = OFFLINE_DATASETS.get(args.dataset)
     # a Hub name or a local folder
     splits = loader() if loader is not None else load_named_dataset(args.dataset, tuple(OFFLINE_DATASETS))
     for split in ("train", args.eval_split):
         if split not in splits:
-            raise HfStabilityError(f"Dataset {args.dataset!r} has no {split!r} split (it has {list(splits)}).")
+            raise StudyArgumentsError(f"Dataset {args.dataset!r} has no {split!r} split (it has {list(splits)}).")
         missing = {args.text_column, args.label_column} - set(splits[split].column_names)
         if missing:
-            raise HfStabilityError(
+            raise StudyArgumentsError(
                 f"Dataset {args.dataset!r} split {split!r} lacks columns {sorted(missing)}; pass --text_column / "
                 f"--label_column (columns: {splits[split].column_names})."
             )
@@ -91,38 +91,40 @@ def load_text_splits(args: TextClassificationArguments) -> DatasetDict:
 
 
 def build_text_classification_trainer(
-    task: TextClassificationArguments,
+    model_args: TextModelArguments,
+    data_args: TextDataArguments,
     stability: StabilityArguments,
     training: TrainingArguments,
 ) -> StabilityTrainer:
     """Tokenise the data and return a StabilityTrainer whose model_init seeds the new classifier head."""
-    splits = load_text_splits(task)
-    train, evaluation = splits["train"], splits[task.eval_split]
-    if task.max_train_samples is not None:
-        train = train.select(range(min(task.max_train_samples, len(train))))
-    if task.max_eval_samples is not None:
-        evaluation = evaluation.select(range(min(task.max_eval_samples, len(evaluation))))
-    label_feature = train.features[task.label_column]
+    splits = load_text_splits(data_args)
+    train, evaluation = splits["train"], splits[data_args.eval_split]
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    if data_args.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+    label_feature = train.features[data_args.label_column]
     label_names = getattr(label_feature, "names", None)
     to_id = None
     if label_names is None and getattr(label_feature, "dtype", None) == "string":
         # string labels (as run_glue does): class ids in sorted order of the training set's names
-        label_names = sorted(set(train[task.label_column]))
+        label_names = sorted(set(train[data_args.label_column]))
         to_id = {name: i for i, name in enumerate(label_names)}
-        unknown = sorted(set(evaluation[task.label_column]) - set(to_id))
+        unknown = sorted(set(evaluation[data_args.label_column]) - set(to_id))
         if unknown:
-            raise HfStabilityError(
-                f"The {task.eval_split} split has labels the training split lacks: {unknown[:5]}. Use splits with the "
+            raise StudyArgumentsError(
+                f"The {data_args.eval_split} split has labels the training split lacks: {unknown[:5]}. Use splits "
+                "with the "
                 "same label names."
             )
-    num_labels = len(label_names) if label_names else len(set(train[task.label_column]))
+    num_labels = len(label_names) if label_names else len(set(train[data_args.label_column]))
 
-    model_path = resolve_model(task.model_name_or_path)
+    model_path = resolve_model(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_path)
 
     def encode(batch):
-        encoded = tokenizer(batch[task.text_column], truncation=True, max_length=task.max_length)
-        labels = batch[task.label_column]
+        encoded = tokenizer(batch[data_args.text_column], truncation=True, max_length=data_args.max_length)
+        labels = batch[data_args.label_column]
         encoded["labels"] = [to_id[y] for y in labels] if to_id is not None else labels
         return encoded
 
@@ -135,7 +137,7 @@ def build_text_classification_trainer(
 
     def model_init():
         hf_set_seed(training.seed)  # seeds the fresh classifier head (or, with random_init, every weight)
-        if task.random_init:
+        if model_args.random_init:
             config = load_named(AutoConfig, model_path, num_labels=num_labels, **names)
             return AutoModelForSequenceClassification.from_config(config)
         return load_named(AutoModelForSequenceClassification, model_path, num_labels=num_labels, **names)
@@ -148,5 +150,5 @@ def build_text_classification_trainer(
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=classification_metrics("accuracy"),
-        stability_args=_card_metadata(task, stability),
+        stability_args=_card_metadata(model_args, data_args, stability),
     )

@@ -1,0 +1,97 @@
+"""AnalyzeArguments: every option of ``hf-stability analyze RUN_DIR`` (and ``analyze_run``),
+parsed by HfArgumentParser; string choices are enums, so ``--help`` lists their values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..enums import ExplicitEnum
+from ..errors import AnalysisArgumentsError
+
+
+class Pairs(ExplicitEnum):
+    """Which pairs of models are measured."""
+
+    __label__ = "pairs"
+    __error__ = AnalysisArgumentsError
+    PARENT_CHILD = "parent-child"
+    CHILD_CHILD = "child-child"
+    ALL = "all"
+
+
+class AlignmentMethod(ExplicitEnum):
+    """How the child's hidden units are permuted to match the other model before the aligned figures."""
+
+    __label__ = "alignment"
+    __error__ = AnalysisArgumentsError
+    WEIGHT = "weight"
+    ACTIVATION = "activation"
+    NONE = "none"
+
+
+class Autocast(ExplicitEnum):
+    """The precision evaluation runs under."""
+
+    __label__ = "autocast"
+    __error__ = AnalysisArgumentsError
+    NONE = "none"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+    @property
+    def dtype(self):
+        import torch
+
+        return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.value]
+
+
+class Pooling(ExplicitEnum):
+    """How a sequence of hidden states becomes one representation for CKA."""
+
+    __label__ = "pooling"
+    __error__ = AnalysisArgumentsError
+    CLS = "cls"
+    MEAN = "mean"
+    ALL = "all"
+
+
+@dataclass
+class AnalyzeArguments:
+    """Options of ``hf-stability analyze RUN_DIR``."""
+
+    eval_split: str = field(
+        default="eval",
+        metadata={"help": "Saved split (RUN/data/<split>) used for eval barriers, CKA and disagreement."},
+    )
+    eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N examples of eval_split."})
+    train_samples: int = field(
+        default=512, metadata={"help": "Train-subset size for the train-set barriers (0: skip)."})
+    pairs: Pairs = field(default=Pairs.PARENT_CHILD, metadata={"help": "Which pairs to measure."})
+    alphas: int = field(default=11, metadata={"help": "Interpolation points in [0, 1]."})
+    batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per process."})
+    pooling: Pooling = field(default=Pooling.CLS, metadata={"help": "Token pooling for CKA."})
+    autocast: Autocast = field(default=Autocast.NONE, metadata={"help": "Evaluate under autocast."})
+    alignment: AlignmentMethod = field(
+        default=AlignmentMethod.WEIGHT,
+        metadata={"help": "Permutation alignment before the aligned L2 and barriers."},
+    )
+    alignment_seed: int = field(default=0, metadata={"help": "Seed of weight matching's order of groups."})
+    alignment_samples: int = field(
+        default=256, metadata={"help": "Examples for activation matching (from the train split, else eval_split)."}
+    )
+    cpu: bool = field(default=False, metadata={"help": "Evaluate on the CPU even when a GPU is present."})
+    reanalyze: bool = field(
+        default=False,
+        metadata={"help": "Measure every pair again, even those whose inputs (models, records, data, arguments) are "
+                  "those of the pair in analysis/report.json (by default such pairs are reused)."},
+    )
+
+    def __post_init__(self) -> None:
+        self.pairs, self.pooling = Pairs(self.pairs), Pooling(self.pooling)
+        self.autocast, self.alignment = Autocast(self.autocast), AlignmentMethod(self.alignment)
+        if self.alignment_samples < 1:
+            raise AnalysisArgumentsError(f"alignment_samples must be >= 1, got {self.alignment_samples}.")
+        if self.alphas < 2:
+            raise AnalysisArgumentsError(f"alphas must be >= 2, got {self.alphas}.")
+        if self.train_samples < 0 or (self.eval_samples is not None and self.eval_samples < 1):
+            raise AnalysisArgumentsError("train_samples must be >= 0 and eval_samples >= 1.")

@@ -1,0 +1,46 @@
+"""The analysis data a study saves in RUN/data: the model inputs of a training subset and of the
+evaluation set, how to batch them, and the tokenizer that pads them, so that a run is analysed
+on any machine without the code that built its data."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..atomic_io import atomic_directory, write_json
+from ..manifest import named_files, write_manifest
+from ..run_directory import RunDirectory
+
+logger = logging.getLogger(__name__)
+
+
+def save_analysis_data(trainer: Any, run: RunDirectory, run_fingerprint: str) -> None:
+    """Save what is missing of RUN/data, then (once complete) its manifest of checksums."""
+    import datasets
+    from transformers import DataCollatorWithPadding
+
+    stability = trainer.stability_args
+    wanted = {"train": (trainer.train_dataset, stability.analysis_train_samples),
+              "eval": (trainer.eval_dataset, stability.analysis_eval_samples)}
+    for split, (dataset, limit) in wanted.items():
+        target = run.data_split(split)
+        if target.is_dir() or dataset is None:
+            continue
+        if not isinstance(dataset, datasets.Dataset):
+            logger.info("The %s dataset is not a datasets.Dataset: pass data to the analyzer yourself.", split)
+            continue
+        dataset = trainer._remove_unused_columns(dataset, description=split)
+        count = len(dataset) if limit is None else min(limit, len(dataset))
+        subset = dataset.select(range(count))
+        if subset.format.get("type") == "custom":  # an on-the-fly transform: store what it returns
+            subset = datasets.Dataset.from_list([subset[i] for i in range(count)])
+        with atomic_directory(target) as tmp:
+            subset.save_to_disk(str(tmp))
+    collator = "padding" if isinstance(trainer.data_collator, DataCollatorWithPadding) else "default"
+    if collator == "padding" and not run.data_tokenizer.is_dir():  # what the analyzer pads with
+        with atomic_directory(run.data_tokenizer) as tmp:
+            trainer.data_collator.tokenizer.save_pretrained(str(tmp))
+    if not run.collator_file.is_file():
+        write_json(run.collator_file, {"collator": collator})
+    if not run.data_manifest.is_file():  # the data is complete: record its checksums
+        write_manifest(run.data_manifest, named_files(run.data_dir, ""), run_fingerprint)
