@@ -76,11 +76,13 @@ def _demo(argv: Sequence[str]) -> int:
 def _train(argv: Sequence[str]) -> int:
     from transformers import TrainingArguments
 
+    from .studies.adapters import AdapterArguments
     from .studies.recipe import parse_args
     from .studies.text_classification import TextDataArguments, TextModelArguments, build_text_classification_trainer
     from .training import StabilityArguments
 
-    parser = _parser((TextModelArguments, TextDataArguments, StabilityArguments, TrainingArguments), "train")
+    parser = _parser((TextModelArguments, TextDataArguments, StabilityArguments, TrainingArguments,
+                      AdapterArguments), "train")
     _print_result(build_text_classification_trainer(*parse_args(parser, list(argv))).butterfly())
     return 0
 

@@ -36,6 +36,7 @@ from typing import Any
 
 from .atomic_io import disk_full_error, remove_stale_temporaries, write_json
 from .errors import RunConfigMismatchError, RunDirectoryError
+from .hints import setting
 from .run_files import read_divergence, read_json
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,10 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_JSON = "config.json"
 TRAINER_STATE_NAME = "trainer_state.json"
 WEIGHTS_GLOB = "model*.safetensors"  # one file, or the shards of a large model
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"  # a PEFT model's checkpoint: its adapter only
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+#: A PEFT study's frozen base model (save_pretrained), saved once: every final/ holds only an adapter.
+BASE_MODEL_DIR = "base_model"
 OPTIMIZER_NAME = "optimizer.pt"
 SCHEDULER_NAME = "scheduler.pt"
 RNG_STATE_GLOB = "rng_state*.pth"  # rng_state.pth, or rng_state_<rank>.pth in a distributed run
@@ -95,8 +100,8 @@ def checkpoint_problem(path: Path) -> str | None:
     state = path / TRAINER_STATE_NAME
     if not path.is_dir():
         return "it does not exist"
-    if not any(path.glob(WEIGHTS_GLOB)):
-        return "no weights (model.safetensors)"
+    if not any(path.glob(WEIGHTS_GLOB)) and not (path / ADAPTER_WEIGHTS_NAME).is_file():
+        return "no weights (model.safetensors, or a PEFT adapter's adapter_model.safetensors)"
     if not any(path.glob(RNG_STATE_GLOB)):
         return "no RNG state (rng_state.pth)"
     if not state.is_file():
@@ -179,19 +184,44 @@ def _validate_config(config: dict[str, Any], path: Path) -> None:
         refuse("fingerprint", "the fingerprint of the run's identity (the arguments that fix its weights)")
     # every field read back must be what the fingerprinted identity says
     from .errors import HfStabilityError
+    from .perturb import PerturbationConfig
     from .training.arguments import StabilityArguments
 
     try:
         plan = StabilityArguments.from_recorded(identity.get("stability_arguments") or {}).plan()
+        # a run of an earlier version records fewer perturbation fields: they take their defaults
+        recorded = {**config, "perturbations": {
+            t: {c: PerturbationConfig.from_dict(values).to_dict() for c, values in by_child.items()}
+            for t, by_child in config["perturbations"].items()}}
     except (HfStabilityError, TypeError) as err:
-        raise RunDirectoryError(f"{path}: its identity holds stability arguments this version cannot read ({err}). "
+        raise RunDirectoryError(f"{path}: it holds stability arguments this version cannot read ({err}). "
                                 f"{CONFIG_REMEDY}") from None
     expected = {**plan, "max_steps": identity.get("max_steps")}
+    if "children_at" not in config and all(at == plan["children"] for at in plan["children_at"].values()):
+        del expected["children_at"]  # a run of an earlier version: every spawn step has every child
+    if "references" not in config and not plan["references"]:
+        del expected["references"]  # a run of an earlier version: no reference children
     for name, value in expected.items():
-        if config.get(name) != value:
+        if recorded.get(name) != value:
             refuse(name, f"what the run's fingerprinted identity says ({value!r})")
     if stability["control_child"] != identity["stability_arguments"].get("control_child", True):
         refuse("stability_arguments", "the control_child of the run's fingerprinted identity")
+
+
+def children_of(config: dict[str, Any], spawn_step: int) -> list[int]:
+    """The children of ``spawn_step`` in a (checked) stability_config.json."""
+    return list(config.get("children_at", {}).get(f"t{spawn_step}", config["children"]))
+
+
+def child_group(config: dict[str, Any], spawn_step: int, child: int) -> tuple[str, str | None]:
+    """(group, reference) of a child in a (checked) stability_config.json: its perturbation's
+    group ("gaussian 0.01"...), or for a reference child "<kind> reference" and its kind."""
+    from .perturb import PerturbationConfig
+
+    reference = config.get("references", {}).get(f"c{child}")
+    if reference is not None:
+        return f"{reference} reference", reference
+    return PerturbationConfig.from_dict(config["perturbations"][f"t{spawn_step}"][f"c{child}"]).group, None
 
 
 @dataclass
@@ -202,6 +232,7 @@ class ChildSummary:
     child: int
     is_control: bool
     status: str
+    group: str = "control"  # its perturbation (child_group)
     final_l2: float | None = None
     perturbation_l2: float | None = None
     eval_metrics: dict[str, float] = field(default_factory=dict)
@@ -271,6 +302,10 @@ class RunDirectory:
     def manifest_of(final_dir: Path) -> Path:
         """The manifest of the run whose final/ is ``final_dir`` (its names are relative to the run's folder)."""
         return final_dir / MANIFEST_NAME
+
+    @property
+    def base_model_dir(self) -> Path:
+        return self.root / BASE_MODEL_DIR
 
     @property
     def data_dir(self) -> Path:
@@ -420,7 +455,8 @@ class RunDirectory:
         """Write ``stability_config.json``, or check that the run found here has the same
         configuration (resume). A run of another configuration is refused unless ``overwrite``."""
         self.root.mkdir(parents=True, exist_ok=True)
-        owned = [self.config_file, self.parent_dir, self.root / CHILDREN_DIR, self.analysis_dir, self.data_dir]
+        owned = [self.config_file, self.parent_dir, self.root / CHILDREN_DIR, self.analysis_dir, self.data_dir,
+                 self.base_model_dir]
         if self.config_file.is_file():
             try:
                 old = read_json(self.config_file, CONFIG_REMEDY)
@@ -428,7 +464,8 @@ class RunDirectory:
                 old = None
             if old is not None and old.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
                 if not overwrite:
-                    raise RunDirectoryError(self._version_message(old) + ", or pass --overwrite_run to delete it.")
+                    raise RunDirectoryError(self._version_message(old)
+                                            + f", or set {setting('overwrite_run')} to delete it.")
             else:
                 try:
                     if old is None:
@@ -445,7 +482,7 @@ class RunDirectory:
                         raise RunDirectoryError(
                             f"{self.config_file} is damaged ({damaged}), and no manifest of the run records these "
                             "arguments: run the study with the arguments its models were trained with, restore the "
-                            "file from a copy of the run, or pass --overwrite_run to delete the run."
+                            f"file from a copy of the run, or set {setting('overwrite_run')} to delete the run."
                         ) from None
                     old = None
             if old is not None and old.get("fingerprint") == config["fingerprint"] \
@@ -456,13 +493,13 @@ class RunDirectory:
                 shown = "; ".join(diffs[:5]) + (" ..." if len(diffs) > 5 else "")
                 raise RunConfigMismatchError(
                     f"{self.root} holds a run of another configuration ({shown}). "
-                    "Choose another output_dir, or pass --overwrite_run (StabilityArguments.overwrite_run=True) "
-                    "to delete it.", path=self.root, differences=diffs,
+                    f"Choose another output_dir, or set {setting('overwrite_run')} to delete it.", path=self.root,
+                    differences=diffs,
                 )
         elif any(p.exists() for p in owned[1:]) and not overwrite:
             raise RunConfigMismatchError(
                 f"{self.root} holds parent/ or children/ folders but no {CONFIG_NAME}: it is not a run this "
-                "version can resume. Choose another output_dir or pass --overwrite_run to delete them.",
+                f"version can resume. Choose another output_dir or set {setting('overwrite_run')} to delete them.",
                 path=self.root,
             )
         for path in owned:
@@ -484,11 +521,16 @@ class RunDirectory:
         return (f"The saved data of {self.data_dir} is damaged: restore that folder from a copy of the run, or analyse "
                 "with your own data: analyze_run(..., eval_data=..., train_data=...).")
 
+    def base_model_remedy(self) -> str:
+        """The narrowest remedy for a damaged or missing base model of a PEFT study (RUN/base_model)."""
+        return (f"Delete {self.base_model_dir} and run the study again: it saves the base model again before "
+                "anything trains.")
+
     def parent_remedy(self) -> str:
         """The narrowest remedy for a damaged file of the parent's final/."""
         return (
             f"Restore {self.parent_final} from a copy of the run; otherwise the parent and every child must be trained "
-            "again (--overwrite_run)."
+            f"again ({setting('overwrite_run')})."
         )
 
     def divergence(self, spawn_step: int, child: int) -> list[dict[str, Any]]:
@@ -507,7 +549,7 @@ class RunDirectory:
         max_steps = int(config["max_steps"])
         rows = []
         for t in config["spawn_steps"]:
-            for k in config["children"]:
+            for k in children_of(config, t):
                 trajectory = self.divergence(t, k)
                 final = [r["l2"] for r in trajectory if r.get("step") == max_steps]
                 start = [r["l2"] for r in trajectory if r.get("step") == t]
@@ -517,6 +559,7 @@ class RunDirectory:
                         child=int(k),
                         is_control=int(k) == 0 and bool(config["stability_arguments"]["control_child"]),
                         status=self.child_status(t, k),
+                        group=child_group(config, t, k)[0],
                         final_l2=final[-1] if final else None,
                         perturbation_l2=start[-1] if start else None,
                         eval_metrics=self.eval_results(self.child_final(t, k), self.child_remedy(t, k)),

@@ -8,9 +8,12 @@ directory and render its report (RUN/analysis/: report.json, plots, README.md).
         recipes/butterfly_text_classification.py recipes/configs/minilm_tweets.json
     python recipes/butterfly_text_classification.py --output_dir runs/x --max_steps 200 \\
         --spawn_steps 0 50 --num_children 3 --model_name_or_path bert-base-uncased --dataset imdb
+    python recipes/butterfly_text_classification.py --output_dir runs/lora --peft lora --lora_r 8 \\
+        --learning_rate 1e-3 --max_steps 200 --spawn_steps 0 50
 
-Arguments: TextModelArguments, TextDataArguments, StabilityArguments, RecipeAnalysisArguments
-and TrainingArguments, from one JSON/YAML file or from flags (--help lists them all).
+Arguments: TextModelArguments, AdapterArguments (--peft lora|ia3), TextDataArguments,
+StabilityArguments, RecipeAnalysisArguments and TrainingArguments, from one JSON/YAML file or from
+flags (--help lists them all).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 from transformers import HfArgumentParser, TrainingArguments
 
 from hf_stability import StabilityArguments
+from hf_stability.studies.adapters import AdapterArguments
 from hf_stability.studies.recipe import RecipeAnalysisArguments, parse_args, run_study, setup_logging
 from hf_stability.studies.text_classification import (
     TextDataArguments,
@@ -26,13 +30,14 @@ from hf_stability.studies.text_classification import (
 )
 
 #: What this recipe parses, from a config file or flags (in this order).
-ARGUMENTS = (TextModelArguments, TextDataArguments, StabilityArguments, RecipeAnalysisArguments, TrainingArguments)
+ARGUMENTS = (TextModelArguments, AdapterArguments, TextDataArguments, StabilityArguments, RecipeAnalysisArguments,
+             TrainingArguments)
 
 
 def main(argv: list[str] | None = None) -> None:
-    model_args, data_args, stability, analysis, training = parse_args(HfArgumentParser(ARGUMENTS), argv)
+    model_args, adapter, data_args, stability, analysis, training = parse_args(HfArgumentParser(ARGUMENTS), argv)
     setup_logging(training)
-    run_study(build_text_classification_trainer(model_args, data_args, stability, training), analysis)
+    run_study(build_text_classification_trainer(model_args, data_args, stability, training, adapter), analysis)
 
 
 if __name__ == "__main__":

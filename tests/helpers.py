@@ -73,11 +73,22 @@ def training_args(output_dir, **overrides) -> TrainingArguments:
     return TrainingArguments(**values)
 
 
-def tiny_trainer(out, stability: StabilityArguments | None = None, **overrides) -> StabilityTrainer:
-    """A StabilityTrainer of the tiny BERT on the real tweets; ``overrides`` go to training_args."""
+def peft_bert(adapter: str = "lora", seed: int = 0):
+    """The tiny BERT with a PEFT adapter ("lora": rank 4 on query and value; "ia3": peft's default
+    modules); the new classifier trains too (modules_to_save)."""
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    config = (LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+              if adapter == "lora" else IA3Config(task_type="SEQ_CLS"))
+    return get_peft_model(tiny_bert(seed), config)
+
+
+def tiny_trainer(out, stability: StabilityArguments | None = None, model_init=None, **overrides) -> StabilityTrainer:
+    """A StabilityTrainer of the tiny BERT (or ``model_init``'s model) on the real tweets;
+    ``overrides`` go to training_args."""
     train, test = tweets()
     return StabilityTrainer(
-        model_init=lambda: tiny_bert(0),
+        model_init=model_init or (lambda: tiny_bert(0)),
         args=training_args(out, **overrides),
         train_dataset=train,
         eval_dataset=test,

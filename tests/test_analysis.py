@@ -28,6 +28,7 @@ from hf_stability.analysis import (
     linear_cka,
 )
 from hf_stability.analysis.noise_floor import compare_with_floor, within_floor
+from hf_stability.analysis.schema import REPORT_SCHEMA_VERSION
 from hf_stability.errors import AnalysisArgumentsError, AnalysisDataError, RunDirectoryError
 from hf_stability.metrics import load_metric
 
@@ -62,6 +63,26 @@ def test_barrier_of_a_toy_pair_matches_the_hand_computation():
     assert error.barrier == 0.5  # at alpha = 0.5 both logits are 0 and argmax picks class 0
     accuracy = barrier(a, b, data, load_metric("accuracy"), alphas=11)
     assert accuracy.values == pytest.approx(error.values)
+
+
+def test_both_barrier_definitions_the_largest_gap_and_the_gap_at_the_peak():
+    from hf_stability.analysis.path_barriers import barrier_from_values, gap_at_peak
+
+    alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
+    values = [1.0, 1.9, 1.8, 2.2, 2.0]  # the line: 1.0, 1.25, 1.5, 1.75, 2.0
+    assert barrier_from_values(alphas, values) == pytest.approx(0.65)  # the largest gap, at alpha 0.25
+    assert gap_at_peak(alphas, values) == pytest.approx(0.45)  # at the highest point, alpha 0.75
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        curve = torch.rand(7, generator=g).tolist()
+        points = [i / 6 for i in range(7)]
+        assert gap_at_peak(points, curve) <= barrier_from_values(points, curve) + 1e-12
+        level = [curve[0], *curve[1:-1], curve[0]]  # equal endpoints: the two agree
+        assert gap_at_peak(points, level) == pytest.approx(barrier_from_values(points, level), abs=1e-12)
+    # the analysis reports both, from the same path
+    a, b, data = _toy_pair()
+    loss = barrier(a, b, data, "loss", alphas=11)
+    assert loss.gap_at_peak == pytest.approx(gap_at_peak(loss.alphas, loss.values), abs=0)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +197,7 @@ def test_analyze_run_writes_a_report_with_every_child_and_the_floor(analysed_stu
     run = copy_run(analysed_study, tmp_path)
     report = analyze_run(run, AnalyzeArguments(train_samples=32, batch_size=16, pairs="all", cpu=True))
     saved = json.loads((run / "analysis" / "report.json").read_text())
-    assert saved["schema_version"] == 4 and saved["settings"]["eval_samples"] == 64
+    assert saved["schema_version"] == REPORT_SCHEMA_VERSION and saved["settings"]["eval_samples"] == 64
     assert saved["settings"]["alignment"]["method"] == "weight"
     assert saved["settings"]["alignment"]["architecture"].startswith("BertForSequenceClassification")
     kinds = [(p["spawn_step"], p["kind"], p["a"], p["b"]) for p in saved["pairs"]]
@@ -273,7 +294,7 @@ def test_analyze_run_records_activation_matching_or_no_alignment(analysed_study,
     plain = analyze_run(run, AnalyzeArguments(train_samples=0, batch_size=16, alignment="none", cpu=True))
     assert all(pair.aligned is None for pair in plain.pairs)
     assert "aligned_l2" not in plain.summary[0].children
-    with pytest.raises(AnalysisArgumentsError, match="Unknown alignment 'greedy': choose one of weight"):
+    with pytest.raises(AnalysisArgumentsError, match="Unknown alignment 'greedy': choose one of auto, weight"):
         AnalyzeArguments(alignment="greedy")
 
 

@@ -13,6 +13,7 @@ import pytest
 from helpers import copy_run, study_analysis, study_trainer
 
 from hf_stability.analysis import analyze_run
+from hf_stability.analysis.schema import REPORT_SCHEMA_VERSION
 from hf_stability.errors import ReportError, RunDirectoryError
 from hf_stability.report import write_report
 
@@ -192,7 +193,7 @@ def test_damaged_spawn_checkpoints_no_longer_needed_do_not_stop_a_finished_study
 
 
 def test_an_unreadable_report_is_measured_anew_and_the_report_command_names_it(run, analysed):
-    (run / "analysis" / "report.json").write_text('{"schema_version": 4, "pairs": [')
+    (run / "analysis" / "report.json").write_text(f'{{"schema_version": {REPORT_SCHEMA_VERSION}, "pairs": [')
     with pytest.raises(ReportError, match=r"report\.json is not valid JSON"):
         write_report(run)
     assert analyze_run(run, ANALYSIS).pairs == analysed[1].pairs

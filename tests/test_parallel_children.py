@@ -74,7 +74,6 @@ def test_a_nan_child_in_a_stack_is_marked_diverged_and_its_siblings_finish(tmp_p
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"stability": {"perturbation_kind": "data_order"}}, "own data order or dropout stream"),
     ({"optim": "sgd"}, "only AdamW"),
     ({"stability": {"parallel_children": 10**6}}, r"needs about [0-9.]+ GiB .* GiB are free"),
 ])

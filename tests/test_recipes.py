@@ -88,40 +88,41 @@ def test_image_recipe_with_a_timm_vit(tmp_path):
     assert config["architectures"] == ["TimmWrapperForImageClassification"]
 
 
-def test_sweep_recipe_collects_every_scale_into_one_report(tmp_path):
+def test_a_sweep_of_sizes_and_references_is_one_command_and_one_run(tmp_path):
     root = tmp_path / "sweep"
-    command = [sys.executable, str(RECIPES / "butterfly_sweep.py"), "--output_dir", str(root), "--perturbation_scales",
-               "0.01", "0.1", "--max_train_samples", "48", "--max_eval_samples", "32", "--max_length", "24",
-               "--max_steps", "3", "--spawn_steps", "1", "--num_children", "1", "--divergence_every", "0",
-               "--alignment", "none", "--alphas", "3", "--analysis_train_subset", "0", *TINY_TRAINING]
+    command = [sys.executable, str(RECIPES / "butterfly_text_classification.py"), "--output_dir", str(root),
+               "--perturbation_scales", "0.01", "0.1", "--reference_children", "1", "--max_train_samples", "48",
+               "--max_eval_samples", "32", "--max_length", "24", "--max_steps", "3", "--spawn_steps", "0", "1",
+               "--num_children", "1", "--divergence_every", "0", "--alignment", "none", "--alphas", "3",
+               "--analysis_train_subset", "0", *TINY_TRAINING]
     _run(command)
-    sweep = json.loads((root / "sweep_report.json").read_text())
-    assert sweep["scales"] == [0.01, 0.1]
-    assert {(r["scale"], r["spawn_step"]) for r in sweep["rows"]} == {(0.01, 1), (0.1, 1)}
-    for row in sweep["rows"]:
-        own = json.loads((root / sweep["runs"][str(row["scale"])] / "analysis" / "report.json").read_text())
-        summary = next(r for r in own["summary"] if r["spawn_step"] == row["spawn_step"])
-        assert row["loss_barrier_eval"] == summary["children"]["loss_barrier_eval"]
-        assert row["floor_l2"] == 0.0 and row["num_children"] == 1
-    assert (root / "barrier_vs_spawn_step_by_scale.png").stat().st_size > 10_000
+    report_file = root / "analysis" / "report.json"
+    report = json.loads(report_file.read_text())
+    rows = {(r["spawn_step"], r["group"]): r for r in report["summary"]}
+    assert set(rows) == {(t, g) for t in (0, 1) for g in ("gaussian 0.01", "gaussian 0.1", "data_order reference")} \
+        | {(0, "init_seed reference")}
+    assert all(r["control"]["l2"] == 0.0 and r["num_children"] == 1 for r in rows.values())
     # a larger perturbation lands farther from the parent
-    l2 = {r["scale"]: r["l2"]["mean"] for r in sweep["rows"] }
-    assert math.isfinite(l2[0.1]) and l2[0.1] > l2[0.01]
-    # the same command again only collects: every study and its analysis are reused; reanalyze measures again
-    reports = {scale: root / path / "analysis" / "report.json" for scale, path in sweep["runs"].items()}
-    written = {scale: path.stat().st_mtime_ns for scale, path in reports.items()}
-    assert "Measured 0 pair(s); reused 2 of the earlier report" in _run(command)
-    assert {scale: path.stat().st_mtime_ns for scale, path in reports.items()} == written
+    for t in (0, 1):
+        small, large = rows[t, "gaussian 0.01"]["children"]["l2"]["mean"], rows[t, "gaussian 0.1"]["children"]["l2"]
+        assert math.isfinite(large["mean"]) and large["mean"] > small
+    assert (root / "analysis" / "plots" / "barrier_vs_size.png").stat().st_size > 10_000
+    # the same command again trains nothing and measures nothing; reanalyze measures again
+    written = report_file.stat().st_mtime_ns
+    assert "Measured 0 pair(s); reused 9 of the earlier report" in _run(command)
+    assert report_file.stat().st_mtime_ns == written
     from hf_stability.studies.recipe import RecipeAnalysisArguments, analyze_and_report
 
     again = RecipeAnalysisArguments(alignment="none", alphas=3, analysis_train_subset=0, reanalyze=True)
-    analyze_and_report(reports["0.1"].parents[1], again)
-    assert reports["0.1"].stat().st_mtime_ns > written["0.1"]
+    analyze_and_report(root, again)
+    assert report_file.stat().st_mtime_ns > written
 
 
 @pytest.mark.parametrize("script, config", [
     ("butterfly_text_classification.py", "minilm_tweets.json"),
-    ("butterfly_sweep.py", "minilm_tweets_sweep.json"),
+    ("butterfly_text_classification.py", "minilm_tweets_sweep.json"),
+    ("butterfly_text_classification.py", "minilm_tweets_lora.json"),
+    ("butterfly_image_classification.py", "vit_fmnist_from_scratch.json"),
     ("pretrain_vit.py", "vit_fmnist_pretrain.json"),
     ("butterfly_image_classification.py", "vit_fmnist_finetune.json"),
 ])
@@ -147,7 +148,7 @@ def test_every_key_of_a_recipe_config_is_a_field_of_its_recipe_and_parses(script
             mine = {k: v for k, v in mine.items() if k not in ("bf16", "fp16", "tf32")}
             mine.setdefault("output_dir", "unused")
         parsed = cls(**mine)
-        if cls.__module__.startswith(("hf_stability", "butterfly_sweep")):  # ours keep a value as given
+        if cls.__module__.startswith("hf_stability"):  # ours keep a value as given
             for key, value in mine.items():  # (an enum member equals its string)
                 assert getattr(parsed, key) == value, (config, key)
 

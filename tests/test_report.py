@@ -63,6 +63,25 @@ def test_report_renders_every_plot_and_a_card_built_from_the_numbers(analysed_st
         assert row in text and f"| {pair.amplification:.4g} | beyond the floor |" in text
 
 
+def test_a_layer_whose_features_do_not_vary_is_n_a_never_nan(analysed_study):
+    """BERT's CLS embedding (before the first layer) is the same for every example: its CKA is
+    undefined, stored as null, left out of the means, and no NaN reaches report.json."""
+    import math
+
+    text = (analysed_study / "analysis" / "report.json").read_text()
+
+    def no_constants(name):
+        raise AssertionError(f"report.json holds {name}")
+
+    json.loads(text, parse_constant=no_constants)  # NaN and Infinity are not JSON
+    report = load_report(analysed_study)
+    for pair in report.parent_child():
+        assert pair.cka.layers[0] == "embeddings" and pair.cka.values[0] is None
+        assert all(v is not None for v in pair.cka.values[1:])
+    for row in report.summary:
+        assert math.isfinite(row.children["cka_mean"].mean)
+
+
 def test_a_child_within_twice_its_floor_is_marked_indistinguishable_in_the_card(analysed_study, tmp_path):
     run = copy_run(analysed_study, tmp_path)
     path = run / "analysis" / "report.json"
@@ -197,12 +216,13 @@ def test_bad_reports_give_errors_that_say_what_to_run(analysed_study, tmp_path):
     broken = dict(good)
     del broken["divergence"]
     path.write_text(json.dumps(broken))
-    with pytest.raises(ReportError, match="lacks the field 'divergence'.*hf-stability analyze"):
+    with pytest.raises(ReportError, match="lacks the field 'divergence'.*reanalyze=True"):
         write_report(run)
     edited = json.loads(json.dumps(good))
     edited["pairs"][1]["l2"]["l2"] = "far"
     path.write_text(json.dumps(edited))
-    with pytest.raises(ReportError, match=r"the field 'pairs\.1\.l2\.l2' holds 'far', not a number.*--reanalyze"):
+    remedy = r"reanalyze=True \(--reanalyze\)"
+    with pytest.raises(ReportError, match=r"the field 'pairs\.1\.l2\.l2' holds 'far', not a number.*" + remedy):
         write_report(run)
     del good["run"]["spawn_steps"]
     path.write_text(json.dumps(good))

@@ -36,7 +36,9 @@ SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def _weights(path):
-    return load_file(str(Path(path) / "model.safetensors"))
+    """A final/'s tensors: the model's, or a PEFT study's adapter."""
+    adapter = Path(path) / "adapter_model.safetensors"
+    return load_file(str(adapter if adapter.is_file() else Path(path) / "model.safetensors"))
 
 
 def _equal(a, b):
@@ -131,10 +133,12 @@ def test_divergence_is_logged_every_n_steps_to_file_and_trainer_logs(tmp_path):
     assert logged[-1] == (12, pytest.approx(last["l2"], rel=1e-12))
 
 
-def _run_script(out, *kill, constant=False):
+SCHEDULE_FLAGS = {"linear": [], "constant": ["--constant"], "lora": ["--constant", "--lora"]}
+
+
+def _run_script(out, *kill, schedule="linear"):
     return subprocess.run(
-        [sys.executable, str(SCRIPTS / "butterfly_run.py"), str(out), *(["--constant"] if constant else []),
-         *map(str, kill)],
+        [sys.executable, str(SCRIPTS / "butterfly_run.py"), str(out), *SCHEDULE_FLAGS[schedule], *map(str, kill)],
         capture_output=True, text=True, timeout=600,
     )
 
@@ -151,7 +155,7 @@ def uninterrupted(tmp_path_factory):
     def run(schedule: str) -> Path:
         if schedule not in made:
             out = tmp_path_factory.mktemp(f"uninterrupted-{schedule}")
-            finished = _run_script(out, constant=schedule == "constant")
+            finished = _run_script(out, schedule=schedule)
             assert finished.returncode == 0, finished.stderr[-3000:]
             made[schedule] = out
         return made[schedule]
@@ -171,6 +175,8 @@ KILL_POINTS = [
     ("constant", "parent", "evaluate"),
     ("constant", "children/t5/c2", "evaluate"),         # a child trained alone
     ("constant", "children/t0/.stacked-0-1.tmp", "evaluate2"),  # a stacked group: one child finalised, the other not
+    # a LoRA study resumes from adapter checkpoints: the parent, a child alone, a stacked group
+    ("lora", "parent", 7), ("lora", "children/t5/c2", 9), ("lora", "children/t0/.stacked-0-1.tmp", 6),
 ]
 
 
@@ -178,16 +184,15 @@ KILL_POINTS = [
 @pytest.mark.parametrize("kill", KILL_POINTS, ids=lambda k: f"{k[0]}-{k[1]}@{k[2]}")
 def test_killed_study_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted, kill):
     schedule, *point = kill
-    constant = schedule == "constant"
     reference = uninterrupted(schedule)
-    killed = _run_script(tmp_path, *point, constant=constant)
+    killed = _run_script(tmp_path, *point, schedule=schedule)
     assert killed.returncode == -9, killed.stderr[-2000:]
     # nothing partial is taken as complete: no report before the analysis ends, no card before the report does
     assert not (tmp_path / "analysis" / "README.md").exists()
     if point[0] != "report":
         assert not (tmp_path / "analysis" / "report.json").exists()
-    done_before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("children/*/*/final/model.safetensors")}
-    resumed = _run_script(tmp_path, constant=constant)
+    done_before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("children/*/*/final/*model.safetensors")}
+    resumed = _run_script(tmp_path, schedule=schedule)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for final in _all_finals(tmp_path):
         assert _equal(_weights(tmp_path / final), _weights(reference / final)), final

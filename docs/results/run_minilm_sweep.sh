@@ -2,6 +2,13 @@
 # Issue 8 (a): the pretrained MiniLM fine-tuned on the tweets, spawn steps 0..450 of 600 x scales
 # 0.001, 0.01, 0.1 x 3 children (+ control), collected into one sweep report.
 #
+# These are the commands that made minilm-tweets-sweep/ at commit 9fe3faa, with that commit's
+# recipes/butterfly_sweep.py (one run directory per scale). That recipe is gone: a sweep is now one
+# run with one parent, and the same study is
+#   accelerate launch --config_file recipes/accelerate/single_gpu.yaml \
+#       recipes/butterfly_text_classification.py recipes/configs/minilm_tweets_sweep.json
+# (check out 9fe3faa to run the script below as it was).
+#
 #   bash docs/results/run_minilm_sweep.sh [ROOT] [flags added to every command]
 #
 # The sweep recipe runs its scales one after another. To use the one GPU fully, the three scales run

@@ -24,6 +24,7 @@ class AlignmentMethod(ExplicitEnum):
 
     __label__ = "alignment"
     __error__ = AnalysisArgumentsError
+    AUTO = "auto"  # weight matching where the architecture has a permutation spec; skipped (and said so) elsewhere
     WEIGHT = "weight"
     ACTIVATION = "activation"
     NONE = "none"
@@ -45,14 +46,25 @@ class Autocast(ExplicitEnum):
         return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.value]
 
 
+class PeftPath(ExplicitEnum):
+    """Which straight line between two PEFT models the barriers follow."""
+
+    __label__ = "peft_path"
+    __error__ = AnalysisArgumentsError
+    ADAPTERS = "adapters"  # interpolate the adapters (the base is the same)
+    MERGED = "merged"  # interpolate the merged weights, base + adapter
+
+
 class Pooling(ExplicitEnum):
     """How a sequence of hidden states becomes one representation for CKA."""
 
     __label__ = "pooling"
     __error__ = AnalysisArgumentsError
-    CLS = "cls"
-    MEAN = "mean"
-    ALL = "all"
+    AUTO = "auto"  # the token(s) the model's own head reads (heads.head_readout)
+    CLS = "cls"  # the first token
+    LAST = "last"  # the last non-padding token
+    MEAN = "mean"  # the mean over non-padding tokens
+    ALL = "all"  # every non-padding token (for a token classifier: not labelled -100)
 
 
 @dataclass
@@ -69,13 +81,21 @@ class AnalyzeArguments:
     pairs: Pairs = field(default=Pairs.PARENT_CHILD, metadata={"help": "Which pairs to measure."})
     alphas: int = field(default=11, metadata={"help": "Interpolation points in [0, 1]."})
     batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per process."})
-    pooling: Pooling = field(default=Pooling.CLS, metadata={"help": "Token pooling for CKA."})
+    pooling: Pooling = field(
+        default=Pooling.AUTO, metadata={"help": "Which tokens CKA reads (auto: those the model's own head reads)."})
     autocast: Autocast = field(default=Autocast.NONE, metadata={"help": "Evaluate under autocast."})
     alignment: AlignmentMethod = field(
-        default=AlignmentMethod.WEIGHT,
-        metadata={"help": "Permutation alignment before the aligned L2 and barriers."},
+        default=AlignmentMethod.AUTO,
+        metadata={"help": "Permutation alignment before the aligned L2 and barriers (auto: weight matching where "
+                  "the architecture has a permutation spec, skipped with the reason in the report elsewhere; "
+                  "weight or activation: an architecture without a spec is an error)."},
     )
     alignment_seed: int = field(default=0, metadata={"help": "Seed of weight matching's order of groups."})
+    peft_path: PeftPath = field(
+        default=PeftPath.ADAPTERS,
+        metadata={"help": "For PEFT runs: barriers along the line between the adapters or between the merged "
+                  "weights (L2 is reported for both; CKA and alignment use the merged models)."},
+    )
     alignment_samples: int = field(
         default=256, metadata={"help": "Examples for activation matching (from the train split, else eval_split)."}
     )
@@ -89,6 +109,7 @@ class AnalyzeArguments:
     def __post_init__(self) -> None:
         self.pairs, self.pooling = Pairs(self.pairs), Pooling(self.pooling)
         self.autocast, self.alignment = Autocast(self.autocast), AlignmentMethod(self.alignment)
+        self.peft_path = PeftPath(self.peft_path)
         if self.alignment_samples < 1:
             raise AnalysisArgumentsError(f"alignment_samples must be >= 1, got {self.alignment_samples}.")
         if self.alphas < 2:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import ArchitectureMismatchError
 from .compare import check_same_architecture, floating_state, layer_of
 
 
@@ -28,7 +29,21 @@ class L2Result:
 def l2_distance(a: nn.Module, b: nn.Module, per_layer: bool = False) -> L2Result:
     """L2 distance between the floating-point parameters of ``a`` and ``b``, in float64."""
     names = check_same_architecture(a, b)
-    ta, tb = floating_state(a), floating_state(b)
+    return l2_between(floating_state(a), floating_state(b), per_layer, names)
+
+
+@torch.no_grad()
+def l2_between(ta: dict[str, torch.Tensor], tb: dict[str, torch.Tensor], per_layer: bool = False,
+               names: list[str] | None = None) -> L2Result:
+    """L2 distance between two sets of named tensors with the same names (a PEFT study's adapters:
+    ``adapters.adapter_tensors``), in float64."""
+    if names is None:
+        if set(ta) != set(tb):
+            raise ArchitectureMismatchError(
+                f"The models hold different tensors (only in one: {sorted(set(ta) ^ set(tb))[:3]}); compare runs of "
+                "one architecture and adapter."
+            )
+        names = list(ta)
     squares: dict[str, float] = {}
     norm_a = norm_b = 0.0
     for name in names:

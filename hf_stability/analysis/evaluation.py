@@ -1,8 +1,9 @@
-"""Batched evaluation of classifiers, sharded over the processes of an accelerate launch.
+"""Batched evaluation of models, sharded over the processes of an accelerate launch.
 
 Batches are fixed once (the same batches in 1 or N processes); process r evaluates batches
-r, r+N, r+2N... and the sums (loss, correct, count) are reduced, so 1 and N processes give
-the same numbers up to the order of a float64 sum.
+r, r+N, r+2N... and the sums (the loss times the entries it averages over, errors, judged
+entries) are reduced, so 1 and N processes give the same numbers up to the order of a float64
+sum. What a loss, an error and a prediction are depends on the model's head (heads.py).
 """
 
 from __future__ import annotations
@@ -13,13 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import AnalysisDataError
-
-LABEL_KEYS = ("labels", "label")
+from .heads import LABEL_KEYS, Head, head_of, labels_of
 
 
 def _default_collate(features: list[dict[str, Any]]) -> dict[str, Any]:
@@ -28,40 +27,30 @@ def _default_collate(features: list[dict[str, Any]]) -> dict[str, Any]:
     return default_data_collator(features)
 
 
-def forward_logits(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """Logits of a transformers model (keyword inputs) or a timm/plain model (one tensor input)."""
-    from transformers import PreTrainedModel
-
-    if isinstance(model, PreTrainedModel):
-        return model(**batch).logits
-    inputs = batch.get("pixel_values", batch.get("input"))
-    if inputs is None:
-        raise AnalysisDataError(f"Cannot tell the input of a {type(model).__name__}: batch keys are {sorted(batch)}.")
-    out = model(inputs)
-    return out.logits if hasattr(out, "logits") else out
-
-
 @dataclass
 class EvalSums:
-    """Sums over the evaluated examples (already reduced over processes)."""
+    """Sums over the evaluated data (already reduced over processes): the model's loss weighted
+    by the entries it averages over, and the errors over the entries the head's error rule
+    judges (``judged`` 0: the head has no error rule)."""
 
     loss_sum: float
-    correct: float
-    count: int
-    predictions: list[int] | None = None
-    references: list[int] | None = None
+    loss_units: float
+    wrong: float
+    judged: int
+    predictions: list[Any] | None = None
+    references: list[Any] | None = None
 
     @property
     def loss(self) -> float:
-        return self.loss_sum / self.count
+        return self.loss_sum / self.loss_units
 
     @property
-    def accuracy(self) -> float:
-        return self.correct / self.count
+    def error(self) -> float | None:
+        return self.wrong / self.judged if self.judged else None
 
     @property
-    def error(self) -> float:
-        return 1.0 - self.accuracy
+    def accuracy(self) -> float | None:
+        return None if self.error is None else 1.0 - self.error
 
 
 @dataclass
@@ -86,14 +75,15 @@ class EvalData:
     def __post_init__(self) -> None:
         if self.dataset is None or len(self.dataset) == 0:
             raise AnalysisDataError(f"The {self.name} dataset is empty: give at least one labelled example.")
-        first = self.dataset[0]
-        if self.labelled and not any(key in first for key in LABEL_KEYS):
-            raise AnalysisDataError(
-                f"The {self.name} dataset has no labels (columns: {sorted(first)}): barriers, errors and "
-                "disagreement need a 'labels' or 'label' column."
-            )
         if self.batch_size < 1:
             raise AnalysisDataError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if self.labelled:  # the labels may come from the collator (a language model's), so a batch is checked
+            first = self.batch(0)
+            if not any(key in first for key in LABEL_KEYS):
+                raise AnalysisDataError(
+                    f"The {self.name} dataset has no labels (a batch has {sorted(first)}): barriers, errors and "
+                    f"disagreement need labels ({', '.join(LABEL_KEYS)}, or 'label')."
+                )
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -171,36 +161,47 @@ class Evaluator:
 
     def batches(
         self, data: EvalData, desc: str = "", show: bool = True
-    ) -> Iterator[tuple[int, dict[str, Any], torch.Tensor | None]]:
-        """This process's batches on its device, as (batch index, model inputs, labels or None)."""
+    ) -> Iterator[tuple[int, dict[str, Any], dict[str, torch.Tensor]]]:
+        """This process's batches on its device, as (batch index, model inputs, label tensors)."""
         indices = data.shard(self.process_index, self.num_processes)
         for index in tqdm(indices, desc=desc, disable=not (self.progress and show), leave=False):
             batch = self._to_device(data.batch(index))
-            labels = batch.pop("labels", None)
-            yield index, batch, labels
+            labels = labels_of(batch)
+            yield index, {k: v for k, v in batch.items() if k not in labels}, labels
+
+    def head(self, model: nn.Module, data: EvalData) -> Head:
+        """The head of ``model`` (heads.py), read from its class, its config and ``data``'s first batch."""
+        return head_of(model, data.batch(0))
 
     @torch.inference_mode()
-    def evaluate(self, model: nn.Module, data: EvalData, keep_predictions: bool = False, desc: str = "") -> EvalSums:
-        """Sum of cross-entropy losses, number correct and number of examples of ``model`` on ``data``.
+    def evaluate(self, model: nn.Module, data: EvalData, keep_predictions: bool = False, desc: str = "",
+                 head: Head | None = None) -> EvalSums:
+        """The loss ``model`` computes from its labels, summed over ``data`` (each batch weighted by
+        the entries its loss averages over), and its errors under its head's rule.
 
         Sums stay on the device (float64) until the end: one host synchronisation per call.
         """
         self.ready(model)
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct, count
+        head = head or self.head(model, data)
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss x units, units, wrong, judged
         predictions: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         for index, inputs, labels in self.batches(data, desc, show=bool(desc)):
             with self.autocast():
-                logits = forward_logits(model, inputs).float()
-            predicted = logits.argmax(dim=-1)
-            totals[0] += F.cross_entropy(logits, labels, reduction="sum").double()
-            totals[1] += (predicted == labels).sum()
-            totals[2] += labels.numel()
-            if keep_predictions:
-                predictions.append((index, predicted, labels))
+                outputs = head.outputs(model, inputs, labels)
+                loss = head.loss(outputs, labels).float()
+            units = head.loss_units(labels)
+            totals[0] += loss.double() * units
+            totals[1] += units
+            judged = head.judge(outputs, labels)
+            if judged is not None:
+                totals[2] += (~judged.correct).sum()
+                totals[3] += judged.correct.numel()
+                if keep_predictions:
+                    predictions.append((index, judged.predictions, labels["labels"]))
         if self.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
-        loss_sum, correct, count = totals.tolist()
-        result = EvalSums(loss_sum=loss_sum, correct=correct, count=round(count))
+        loss_sum, loss_units, wrong, judged_count = totals.tolist()
+        result = EvalSums(loss_sum=loss_sum, loss_units=loss_units, wrong=wrong, judged=round(judged_count))
         if keep_predictions:
             local = [(i, p.tolist(), r.tolist()) for i, p, r in predictions]
             ordered = sorted(self.gather(local))

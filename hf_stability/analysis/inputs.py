@@ -17,16 +17,23 @@ from typing import Any
 from ..errors import RunDirectoryError
 from ..manifest import named_files, sha256_of, verify
 from ..run_directory import (
+    ADAPTER_CONFIG_NAME,
     CONFIG_JSON,
     DIVERGENCE_NAME,
     EVAL_RESULTS_NAME,
+    MANIFEST_NAME,
     PERTURBATION_NAME,
     RunDirectory,
+    child_group,
+    children_of,
     fingerprint,
 )
 from ..run_files import read_json
 
 logger = logging.getLogger(__name__)
+
+#: adapter_config.json fields that PEFT saves from a set (their order is not the adapter's).
+PEFT_MODULE_SETS = ("target_modules", "modules_to_save", "exclude_modules")
 
 
 @dataclass
@@ -39,6 +46,9 @@ class ChildInputs:
     checksums: dict[str, str] = field(default_factory=dict)  # verified files (final/, records)
     config: str = ""  # model_config_fingerprint of its final/config.json
     perturbation_l2: float = 0.0
+    group: str = "control"  # the children of its spawn step with its perturbation (PerturbationConfig.group)
+    reference: str | None = None  # init_seed | data_order: a reference child
+    relative_size: float | None = None  # its perturbation's L2 over the L2 of an initialisation
     divergence: list[dict[str, Any]] = field(default_factory=list)
     diverged: dict[str, Any] | None = None
 
@@ -61,6 +71,7 @@ class RunInputs:
     parent: dict[str, str]
     parent_config: str
     children: dict[tuple[int, int], ChildInputs]
+    base: dict[str, str] = field(default_factory=dict)  # a PEFT study's base model (RUN/base_model)
 
     @classmethod
     def read(cls, run: RunDirectory, verify_data: bool = True) -> RunInputs:
@@ -75,22 +86,27 @@ class RunInputs:
             raise RunDirectoryError(f"{run.parent_final} is missing: the parent has not finished. Run the study "
                                     "(its command again resumes it) before analysing it.")
         parent = _verified_final(run, run.parent_final, run.parent_dir, run.parent_remedy())
+        base = _verified_base(run) if (run.parent_final / ADAPTER_CONFIG_NAME).is_file() else {}
         children = {}
         for t in config["spawn_steps"]:
-            for k in config["children"]:
-                children[t, k] = _child_inputs(run, t, k)
+            for k in children_of(config, t):
+                children[t, k] = _child_inputs(run, t, k, *child_group(config, t, k))
         return cls(config=config, data=data, parent=parent,
-                   parent_config=model_config_fingerprint(run.parent_final, run.parent_remedy()), children=children)
+                   parent_config=model_config_fingerprint(run.parent_final, run.parent_remedy()), children=children,
+                   base=base)
 
     def pair_fingerprint(self, arguments: dict[str, Any], a: str, b: str) -> str:
         """What a pair's measures depend on: the arguments, the run, the data and both models'
         verified files ("parent" or "t<t>/c<k>")."""
         return fingerprint({"arguments": arguments, "run": self.config["fingerprint"], "data": self.data,
-                            "a": self._measured_files(a), "b": self._measured_files(b)})
+                            "a": self._measured_files(a), "b": self._measured_files(b), **self._base()})
 
     def parent_fingerprint(self, arguments: dict[str, Any]) -> str:
         return fingerprint({"arguments": arguments, "run": self.config["fingerprint"], "data": self.data,
-                            "parent": self._measured_files("parent")})
+                            "parent": self._measured_files("parent"), **self._base()})
+
+    def _base(self) -> dict[str, Any]:
+        return {"base": self.base} if self.base else {}  # runs without one keep their fingerprints
 
     def _measured_files(self, name: str) -> dict[str, str]:
         """The checksums of what the measures of model ``name`` read: its files, but
@@ -106,14 +122,21 @@ class RunInputs:
 
 
 def model_config_fingerprint(final_dir, remedy: str) -> str:
-    """The fingerprint of a final/config.json without the keys that say where a model came from or
-    that training fills in (use_cache, transformers_version...): the Trainer sets ``use_cache``
-    on the model it was built with and not on the models model_init builds later, so the same
-    weights can come with two config.json files."""
+    """The fingerprint of a final/config.json (a PEFT adapter's: adapter_config.json) without the
+    keys that say where a model came from or that training fills in (use_cache,
+    transformers_version...): the Trainer sets ``use_cache`` on the model it was built with and
+    not on the models model_init builds later, so the same weights can come with two config.json
+    files. PEFT writes the module sets of an adapter (``target_modules``...) as lists in the order
+    of a Python set, which changes from one process to the next: they are compared as sets."""
     from ..training.identity import VOLATILE_CONFIG_KEYS
 
-    config = read_json(final_dir / CONFIG_JSON, remedy)
-    return fingerprint({k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS})
+    adapter = final_dir / ADAPTER_CONFIG_NAME
+    config = read_json(adapter if adapter.is_file() else final_dir / CONFIG_JSON, remedy)
+    kept = {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
+    for key in PEFT_MODULE_SETS:
+        if isinstance(kept.get(key), list) and all(isinstance(v, str) for v in kept[key]):
+            kept[key] = sorted(kept[key])
+    return fingerprint(kept)
 
 
 def _unverified(files: dict[str, Any], where: object) -> dict[str, str]:
@@ -129,6 +152,18 @@ def _verified_data(run: RunDirectory) -> dict[str, str]:
     return verify(run.data_manifest, run.data_dir, lambda name: remedy)
 
 
+def _verified_base(run: RunDirectory) -> dict[str, str]:
+    """The checksums of a PEFT study's base model, verified against its manifest."""
+    remedy = run.base_model_remedy()
+    if not run.base_model_dir.is_dir():
+        raise RunDirectoryError(f"{run.base_model_dir} (the base model of this PEFT study) is missing. {remedy}",
+                                path=run.base_model_dir)
+    manifest = run.base_model_dir / MANIFEST_NAME
+    if not manifest.is_file():
+        return _unverified(named_files(run.base_model_dir, ""), run.base_model_dir)
+    return verify(manifest, run.base_model_dir, lambda name: remedy)
+
+
 def _verified_final(run: RunDirectory, final, base, remedy: str, records: tuple[str, ...] = ()) -> dict[str, str]:
     """The checksums of a run's final/ files (and ``records``), verified against its manifest."""
     manifest = run.manifest_of(final)
@@ -140,10 +175,10 @@ def _verified_final(run: RunDirectory, final, base, remedy: str, records: tuple[
     return verify(manifest, base, lambda name: remedy, only=lambda name: name.startswith(prefix) or name in records)
 
 
-def _child_inputs(run: RunDirectory, t: int, k: int) -> ChildInputs:
+def _child_inputs(run: RunDirectory, t: int, k: int, group: str, reference: str | None) -> ChildInputs:
     status = run.child_status(t, k)
     remedy = run.child_remedy(t, k)
-    child = ChildInputs(spawn_step=t, child=k, status=status)
+    child = ChildInputs(spawn_step=t, child=k, status=status, group=group, reference=reference)
     if status == "pending":
         return child
     if status == "done":
@@ -160,5 +195,7 @@ def _child_inputs(run: RunDirectory, t: int, k: int) -> ChildInputs:
             raise RunDirectoryError(f"{run.perturbation_file(t, k)} has the change_l2 {change!r}, not a "
                                     f"non-negative number: the file is damaged. {remedy}")
         child.perturbation_l2 = float(change or 0.0)
+        size = record.get("relative_size")
+        child.relative_size = float(size) if isinstance(size, (int, float)) and math.isfinite(size) else None
     child.divergence = run.divergence(t, k)
     return child

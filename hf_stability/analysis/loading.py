@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import AnalysisDataError, RunDirectoryError
-from ..run_directory import CONFIG_JSON, WEIGHTS_NAME, RunDirectory
+from ..errors import AnalysisDataError, MissingDataError, RunDirectoryError
+from ..run_directory import ADAPTER_CONFIG_NAME, CONFIG_JSON, WEIGHTS_NAME, RunDirectory
 
 
 def model_class_of(final_dir: str | Path) -> type:
@@ -79,6 +79,32 @@ def load_final_model(final_dir: str | Path, model_class: type | None = None) -> 
             f"Cannot load {weights}: the file is truncated or corrupt ({type(err).__name__}: {str(err)[:200]}). "
             "Delete that final/ folder and re-run the study to train it again."
         ) from None
+
+
+def load_run_model(run: RunDirectory, final_dir: Path, model_class: type | None = None) -> nn.Module:
+    """A final/ of ``run``: the model itself, or for a PEFT study its adapter on the study's base
+    model (RUN/base_model), as a ``peft.PeftModel``.
+
+    Raises:
+        RunDirectoryError: files are missing or damaged (see load_final_model).
+        MissingDataError: a PEFT study, and peft is not installed.
+    """
+    if not (final_dir / ADAPTER_CONFIG_NAME).is_file():
+        return load_final_model(final_dir, model_class)
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise MissingDataError(f"{final_dir} holds a PEFT adapter: install peft (pip install 'hf_stability[peft]') "
+                               "to analyse it.") from None
+    if not run.base_model_dir.is_dir():
+        raise RunDirectoryError(f"{final_dir} holds a PEFT adapter, and {run.base_model_dir} (its base model) is "
+                                f"missing. {run.base_model_remedy()}", path=run.base_model_dir)
+    base = load_final_model(run.base_model_dir, model_class)
+    try:
+        return PeftModel.from_pretrained(base, str(final_dir), is_trainable=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise RunDirectoryError(f"Cannot load the adapter in {final_dir} ({type(err).__name__}: {str(err)[:200]}): "
+                                "it is damaged or of another base model.", path=final_dir) from None
 
 
 def load_run_data(run: RunDirectory, split: str) -> Any:

@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import AnalysisDataError
 from .evaluation import EvalData, EvalSums, Evaluator
 from .interpolation import Interpolator, default_alphas
 from .schema import BarrierResult
@@ -16,9 +17,19 @@ BUILTIN_METRICS = ("loss", "error")
 
 
 def barrier_from_values(alphas: Sequence[float], values: Sequence[float]) -> float:
-    """The barrier of a metric measured along the path; endpoints are the first and last values."""
+    """The barrier of a metric measured along the path, the largest gap over the straight line
+    between the endpoints (the first and last values): max_a [m(a) - ((1 - a) m(0) + a m(1))]."""
     first, last = values[0], values[-1]
     return max(v - ((1.0 - a) * first + a * last) for a, v in zip(alphas, values))
+
+
+def gap_at_peak(alphas: Sequence[float], values: Sequence[float]) -> float:
+    """The barrier as the paper's code reports it: the gap over the straight line at the path's
+    highest point a* = argmax_a m(a). Equal to ``barrier_from_values`` when the endpoints' values
+    are equal (the line is then flat, so the highest point is the largest gap)."""
+    first, last = values[0], values[-1]
+    peak = max(range(len(values)), key=lambda i: values[i])
+    return values[peak] - ((1.0 - alphas[peak]) * first + alphas[peak] * last)
 
 
 def _as_alphas(alphas: int | Sequence[float]) -> list[float]:
@@ -28,8 +39,9 @@ def _as_alphas(alphas: int | Sequence[float]) -> list[float]:
     return points
 
 
-def _metric_value(metric: Any, sums: EvalSums) -> float:
-    """Lower-is-better value of a metric: loss, error, or 1 - value of an evaluate metric."""
+def _metric_value(metric: Any, sums: EvalSums) -> float | None:
+    """Lower-is-better value of a metric: loss, error (None for a head without an error rule), or
+    1 - value of an evaluate metric."""
     if metric == "loss":
         return sums.loss
     if metric == "error":
@@ -58,7 +70,8 @@ def barriers(
     evaluator: Evaluator | None = None,
     endpoints: tuple[EvalSums | None, EvalSums | None] = (None, None),
 ) -> dict[str, BarrierResult]:
-    """Barriers of several metrics from one pass per interpolation point.
+    """Barriers of several metrics from one pass per interpolation point. A metric the head
+    cannot give (the error of a regression head) is left out of the result.
 
     ``endpoints`` may hold already computed sums of ``a`` and ``b`` on ``data`` (the analyzer
     evaluates the parent once for all its children).
@@ -67,6 +80,7 @@ def barriers(
     metrics = _resolve_metrics(metrics)
     points = _as_alphas(alphas)
     keep = any(not isinstance(m, str) for m in metrics)
+    head = evaluator.head(a, data)
     interpolator = Interpolator(a, b)
     sums: list[EvalSums] = []
     progress = tqdm(points, desc=f"barrier on {data.name}", disable=not evaluator.progress, leave=False)
@@ -75,10 +89,12 @@ def barriers(
         if cached is not None and (not keep or cached.predictions is not None):
             sums.append(cached)
             continue
-        sums.append(evaluator.evaluate(interpolator.set_alpha(alpha), data, keep_predictions=keep))
+        sums.append(evaluator.evaluate(interpolator.set_alpha(alpha), data, keep_predictions=keep, head=head))
     results = {}
     for metric in metrics:
         values = [_metric_value(metric, s) for s in sums]
+        if any(v is None for v in values):
+            continue
         results[_metric_name(metric)] = BarrierResult(
             metric=_metric_name(metric),
             alphas=points,
@@ -86,6 +102,7 @@ def barriers(
             endpoint_a=values[0],
             endpoint_b=values[-1],
             barrier=barrier_from_values(points, values),
+            gap_at_peak=gap_at_peak(points, values),
         )
     return results
 
@@ -105,4 +122,8 @@ def barrier(
     between ``a`` and ``b`` on ``data`` (a dataset of labelled feature dicts, or ``EvalData``)."""
     if not isinstance(data, EvalData):
         data = EvalData(data, batch_size=batch_size, collate_fn=collate_fn)
-    return next(iter(barriers(a, b, data, [metric], alphas, evaluator).values()))
+    found = barriers(a, b, data, [metric], alphas, evaluator)
+    if not found:
+        head = (evaluator or Evaluator()).head(a, data)
+        raise AnalysisDataError(f"A {head.name} head has no {_metric_name(metric)} rule: measure its loss barrier.")
+    return next(iter(found.values()))

@@ -8,9 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters import base_of
 from ..errors import AnalysisDataError
 from .arguments import Pooling
-from .evaluation import EvalData, Evaluator, forward_logits
+from .evaluation import EvalData, Evaluator
+from .heads import IGNORE_INDEX, Head, Readout, TokenClassification, call, head_readout, labels_of
 
 
 def _centered_gram_norms(sxx, syy, sxy, sx, sy, n) -> float:
@@ -37,31 +39,51 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return _centered_gram_norms(x.T @ x, y.T @ y, x.T @ y, x.sum(0), y.sum(0), x.shape[0])
 
 
-def _pool(hidden: torch.Tensor, mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+def _last_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the index of the last position whose mask is 1 (right or left padding)."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return (positions * mask.long()).argmax(dim=1)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor | None, readout: Readout) -> torch.Tensor:
+    """One row per example (cls, last, mean) or per kept token (all) of a layer's hidden states."""
     if hidden.dim() == 2:
         return hidden
-    if pooling == "cls":
+    if hidden.dim() == 4:  # a convolutional feature map [B, C, H, W]: its spatial mean
+        return hidden.mean(dim=(2, 3))
+    if readout.pooling == Pooling.CLS:
         return hidden[:, 0]
     if mask is None:
         mask = torch.ones(hidden.shape[:2], device=hidden.device)
-    mask = mask.to(hidden.dtype)
-    if pooling == "mean":
-        return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+    if readout.pooling == Pooling.LAST:
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), _last_positions(mask)]
+    if readout.skip:
+        hidden, mask = hidden[:, readout.skip:], mask[:, readout.skip:]
+    weights = mask.to(hidden.dtype)
+    if readout.pooling == Pooling.MEAN:
+        return (hidden * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
     return hidden[mask.bool()]
 
 
-def layer_outputs(model: nn.Module, batch: dict[str, Any]) -> tuple[list[str], list[torch.Tensor], torch.Tensor]:
-    """Hidden states of every layer and the logits: transformers models through
+def resolve_readout(model: nn.Module, pooling: Pooling | str) -> Readout:
+    """The readout of ``pooling``; ``auto``: the one the model's own head reads (heads.head_readout)."""
+    pooling = Pooling(pooling)
+    return head_readout(model) if pooling == Pooling.AUTO else Readout(pooling, reason="asked for")
+
+
+def layer_outputs(model: nn.Module, batch: dict[str, Any]) -> tuple[list[str], list[torch.Tensor], Any]:
+    """Hidden states of every layer and the outputs: transformers models through
     ``output_hidden_states``, timm-style models through hooks on ``model.blocks``."""
     from transformers import PreTrainedModel
 
+    inner = base_of(model)
     # transformers' TimmWrapper returns timm's intermediates as feature maps: hook its timm blocks instead
-    wrapped_timm = getattr(model, "timm_model", None) if isinstance(model, PreTrainedModel) else None
-    if isinstance(model, PreTrainedModel) and wrapped_timm is None:
-        out = model(**batch, output_hidden_states=True)
+    wrapped_timm = getattr(inner, "timm_model", None) if isinstance(inner, PreTrainedModel) else None
+    if isinstance(inner, PreTrainedModel) and wrapped_timm is None:
+        out = call(model, {**batch, "output_hidden_states": True})
         hidden = list(out.hidden_states)
         names = ["embeddings"] + [f"layer.{i}" for i in range(len(hidden) - 1)]
-        return names, hidden, out.logits
+        return names, hidden, out
     blocks = getattr(wrapped_timm if wrapped_timm is not None else model, "blocks", None)
     if blocks is None:
         raise AnalysisDataError(
@@ -71,22 +93,24 @@ def layer_outputs(model: nn.Module, batch: dict[str, Any]) -> tuple[list[str], l
     captured: list[torch.Tensor] = []
     handles = [block.register_forward_hook(lambda _m, _i, o: captured.append(o)) for block in blocks]
     try:
-        logits = forward_logits(model, batch)
+        out = call(model, batch)
     finally:
         for handle in handles:
             handle.remove()
-    return [f"blocks.{i}" for i in range(len(captured))], captured, logits
+    return [f"blocks.{i}" for i in range(len(captured))], captured, out
 
 
 @dataclass
 class RepresentationResult:
-    """Linear CKA per layer (``layers[i]`` -> ``cka[i]``) and the disagreement of the argmax predictions."""
+    """Linear CKA per layer (``layers[i]`` -> ``cka[i]``) and the disagreement of the two models'
+    predictions under their head's rule (None for a head without one, as a regression's)."""
 
     pooling: str
     layers: list[str] = field(default_factory=list)
     cka: list[float] = field(default_factory=list)
-    disagreement: float = 0.0
+    disagreement: float | None = 0.0
     count: int = 0
+    readout: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,39 +120,54 @@ def _first_example(data: EvalData) -> dict[str, Any]:
     return {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in data.batch(0).items()}
 
 
+def _token_mask(inputs: dict[str, Any], labels: dict[str, torch.Tensor], head: Head) -> torch.Tensor | None:
+    """The tokens a representation may be read from: not padding, and for a token classifier not
+    labelled -100 either (special tokens and sub-word continuations)."""
+    mask = inputs.get("attention_mask")
+    if isinstance(head, TokenClassification):
+        keep = labels["labels"] != IGNORE_INDEX
+        mask = keep if mask is None else mask.bool() & keep
+    return mask
+
+
 @torch.inference_mode()
 def compare_representations(
-    a: nn.Module, b: nn.Module, data: EvalData, pooling: str = "cls", evaluator: Evaluator | None = None
+    a: nn.Module, b: nn.Module, data: EvalData, pooling: Pooling | str = Pooling.AUTO,
+    evaluator: Evaluator | None = None,
 ) -> RepresentationResult:
     """CKA per layer and disagreement of ``a`` and ``b`` on ``data``, from sums reduced over processes.
 
     Linear CKA needs only additive statistics (X^T X, Y^T Y, X^T Y, column sums, n), so each
     process accumulates its shard and the sums are reduced: the result is exact in N processes.
     """
-    pooling = Pooling(pooling)
     evaluator = evaluator or Evaluator()
+    readout = resolve_readout(a, pooling)
     evaluator.ready(a, b)
+    head = evaluator.head(a, data)
     # the layer names and widths, from one example, so that every process holds sums of the same shapes
     probe = evaluator._to_device(_first_example(data))
-    probe.pop("labels", None)
-    names, hidden, _ = layer_outputs(a, probe)
+    names, hidden, _ = layer_outputs(a, {k: v for k, v in probe.items() if k not in labels_of(probe)})
     device, f64 = evaluator.device, torch.float64
+    widths = [pool(h, None, readout).shape[-1] for h in hidden]
     sums = [
-        [torch.zeros(h.shape[-1], h.shape[-1], dtype=f64, device=device) for _ in range(3)]
-        + [torch.zeros(h.shape[-1], dtype=f64, device=device) for _ in range(2)]
+        [torch.zeros(w, w, dtype=f64, device=device) for _ in range(3)]
+        + [torch.zeros(w, dtype=f64, device=device) for _ in range(2)]
         + [torch.zeros((), dtype=f64, device=device)]
-        for h in hidden
+        for w in widths
     ]
-    counts = torch.zeros(2, dtype=f64, device=device)  # differing predictions, examples
+    counts = torch.zeros(2, dtype=f64, device=device)  # differing predictions, judged entries
     for _, inputs, labels in evaluator.batches(data, desc=f"CKA on {data.name}"):
-        mask = inputs.get("attention_mask")
+        mask = _token_mask(inputs, labels, head)
         with evaluator.autocast():
-            _, hidden_a, logits_a = layer_outputs(a, inputs)
-            _, hidden_b, logits_b = layer_outputs(b, inputs)
-        counts[0] += (logits_a.argmax(-1) != logits_b.argmax(-1)).sum()
-        counts[1] += labels.numel()
+            _, hidden_a, out_a = layer_outputs(a, inputs)
+            _, hidden_b, out_b = layer_outputs(b, inputs)
+        judged_a, judged_b = (head.judge(out, labels) if labels else None for out in (out_a, out_b))
+        if judged_a is not None and judged_b is not None:
+            differ = judged_a.predictions != judged_b.predictions
+            counts[0] += (differ.reshape(differ.shape[0], -1).any(-1) if differ.dim() > 1 else differ).sum()
+            counts[1] += differ.shape[0]
         for terms, ha, hb in zip(sums, hidden_a, hidden_b):
-            x, y = _pool(ha, mask, pooling).double(), _pool(hb, mask, pooling).double()
+            x, y = pool(ha, mask, readout).double(), pool(hb, mask, readout).double()
             terms[0] += x.T @ x
             terms[1] += y.T @ y
             terms[2] += x.T @ y
@@ -140,13 +179,16 @@ def compare_representations(
         counts = evaluator.accelerator.reduce(counts, reduction="sum")
     differ, count = counts.tolist()
     ckas = [_centered_gram_norms(*terms[:5], terms[5]) for terms in sums]
-    return RepresentationResult(pooling=pooling, layers=names, cka=ckas, disagreement=differ / count, count=int(count))
+    return RepresentationResult(pooling=readout.pooling.value, layers=names, cka=ckas,
+                                disagreement=differ / count if count else None, count=int(count),
+                                readout=readout.reason)
 
 
-def layerwise_cka(a: nn.Module, b: nn.Module, data: Any, pooling: str = "cls", *, batch_size: int = 64,
-                  collate_fn: Any = None, evaluator: Evaluator | None = None) -> RepresentationResult:
-    """Linear CKA of every layer's representation of ``a`` and ``b`` (pooling: cls | mean | all).
-    The models are put in eval mode on the evaluator's device."""
+def layerwise_cka(a: nn.Module, b: nn.Module, data: Any, pooling: Pooling | str = Pooling.AUTO, *,
+                  batch_size: int = 64, collate_fn: Any = None,
+                  evaluator: Evaluator | None = None) -> RepresentationResult:
+    """Linear CKA of every layer's representation of ``a`` and ``b`` (pooling: auto | cls | last |
+    mean | all). The models are put in eval mode on the evaluator's device."""
     if not isinstance(data, EvalData):
         data = EvalData(data, batch_size=batch_size, collate_fn=collate_fn)
     return compare_representations(a, b, data, pooling, evaluator)
@@ -154,18 +196,25 @@ def layerwise_cka(a: nn.Module, b: nn.Module, data: Any, pooling: str = "cls", *
 
 @torch.inference_mode()
 def disagreement(a: nn.Module, b: nn.Module, data: Any, *, batch_size: int = 64, collate_fn: Any = None,
-                 evaluator: Evaluator | None = None) -> float:
-    """Fraction of examples on which the argmax predictions of ``a`` and ``b`` differ.
-    The models are put in eval mode on the evaluator's device."""
+                 evaluator: Evaluator | None = None) -> float | None:
+    """The fraction of judged entries (examples, tokens, label entries: heads.py) on which the
+    predictions of ``a`` and ``b`` differ; None for a head without an error rule. The models are
+    put in eval mode on the evaluator's device."""
     if not isinstance(data, EvalData):
         data = EvalData(data, batch_size=batch_size, collate_fn=collate_fn)
     evaluator = evaluator or Evaluator()
     evaluator.ready(a, b)
-    counts = torch.zeros(2, dtype=torch.float64, device=evaluator.device)  # differing predictions, examples
+    head = evaluator.head(a, data)
+    counts = torch.zeros(2, dtype=torch.float64, device=evaluator.device)
     for _, inputs, labels in evaluator.batches(data, desc=f"disagreement on {data.name}"):
         with evaluator.autocast():
-            counts[0] += (forward_logits(a, inputs).argmax(-1) != forward_logits(b, inputs).argmax(-1)).sum()
-        counts[1] += labels.numel()
+            judged_a = head.judge(head.outputs(a, inputs, labels), labels)
+            judged_b = head.judge(head.outputs(b, inputs, labels), labels)
+        if judged_a is None:
+            return None
+        differ = judged_a.predictions != judged_b.predictions
+        counts[0] += (differ.reshape(differ.shape[0], -1).any(-1) if differ.dim() > 1 else differ).sum()
+        counts[1] += differ.shape[0]
     if evaluator.num_processes > 1:
         counts = evaluator.accelerator.reduce(counts, reduction="sum")
     differ, count = counts.tolist()

@@ -6,6 +6,7 @@ only the main process writes). The report's schema is documented in docs/report_
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -18,22 +19,27 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..adapters import adapter_tensors, adapter_type, is_peft_model
 from ..atomic_io import write_json
-from ..errors import RunDirectoryError
+from ..errors import RunDirectoryError, UnsupportedArchitectureError
 from ..run_directory import RunDirectory
 from ..run_files import read_json
 from .alignment import activation_matching, apply_permutation, permutation_spec, weight_matching
-from .arguments import AlignmentMethod, AnalyzeArguments, Pairs
-from .distance import l2_distance
+from .arguments import AlignmentMethod, AnalyzeArguments, Pairs, PeftPath
+from .distance import l2_between, l2_distance
 from .evaluation import EvalData, EvalSums, Evaluator
 from .inputs import ChildInputs, RunInputs
-from .loading import load_final_model, load_run_data, run_collator
+from .loading import load_run_data, load_run_model, run_collator
 from .noise_floor import compare_with_floor
 from .path_barriers import barriers
-from .representations import compare_representations
+from .representations import compare_representations, resolve_readout
 from .schema import REPORT_SCHEMA_VERSION, Report
 
 logger = logging.getLogger(__name__)
+
+#: The suffix of a PEFT model's merged weights among the analysis's models ("parent@merged").
+MERGED = "@merged"
+
 
 def _mean_std(values: list[float]) -> dict[str, Any]:
     finite = [v for v in values if v is not None and math.isfinite(v)]
@@ -73,6 +79,21 @@ def _earlier_report(run: RunDirectory) -> dict[str, Any]:
         logger.warning("%s cannot be read: every pair is measured again.", path)
         return {}
     return report if report.get("schema_version") == REPORT_SCHEMA_VERSION else {}
+
+
+def _alignment(model: torch.nn.Module, asked: AlignmentMethod) -> tuple[AlignmentMethod, Any, str | None]:
+    """(method, spec, why it was skipped): ``auto`` is weight matching where the architecture has a
+    permutation spec and none elsewhere, with the reason; an explicit method without a spec raises."""
+    if asked == AlignmentMethod.NONE:
+        return asked, None, None
+    try:
+        spec = permutation_spec(model)
+    except UnsupportedArchitectureError as err:
+        if asked != AlignmentMethod.AUTO:
+            raise
+        logger.warning("Alignment is skipped: %s", err)
+        return AlignmentMethod.NONE, None, str(err).split(". ")[0] + "."
+    return (AlignmentMethod.WEIGHT if asked == AlignmentMethod.AUTO else asked), spec, None
 
 
 def _first(dataset: Any, n: int) -> Any:
@@ -164,28 +185,41 @@ class _Analysis:
             self.splits["train"] = EvalData(_first(train, args.train_samples), batch_size=args.batch_size,
                                             collate_fn=collate, name="train")
         parent = self.model("parent")
-        # an architecture without a spec stops here, before any measure
-        self.spec = permutation_spec(parent) if args.alignment != AlignmentMethod.NONE else None
+        self.peft = is_peft_model(parent)
+        self.head = self.evaluator.head(parent, self.splits["eval"])
+        self.readout = resolve_readout(parent, args.pooling)
+        # alignment and CKA read the merged model of a PEFT study (an adapter has no hidden units of its own)
+        self.method, self.spec, self.alignment_skipped = _alignment(self.model(self.merged("parent")),
+                                                                    args.alignment)
         self.alignment_data = None
-        if args.alignment == AlignmentMethod.ACTIVATION:
+        if self.method == AlignmentMethod.ACTIVATION:
             source = self.splits.get("train", self.splits["eval"])
             self.alignment_data = EvalData(_first(source.dataset, args.alignment_samples), batch_size=args.batch_size,
                                            collate_fn=collate, name=f"alignment ({source.name})")
         self._ready = True
 
     def model(self, name: str) -> torch.nn.Module:
+        """A model by name: "parent", "t<t>/c<k>", and for a PEFT study "<name>@merged" (its
+        adapter merged into a copy of the base)."""
         if name not in self._models:
-            if name == "parent":
-                final = self.run.parent_final
+            if name.endswith(MERGED):
+                self._models[name] = copy.deepcopy(self.model(name[: -len(MERGED)])).merge_and_unload()
+            elif name == "parent":
+                self._models[name] = load_run_model(self.run, self.run.parent_final, self.model_class)
             else:
                 t, k = (int(part[1:]) for part in name.split("/"))
-                final = self.run.child_final(t, k)
-            self._models[name] = load_final_model(final, self.model_class)
+                self._models[name] = load_run_model(self.run, self.run.child_final(t, k), self.model_class)
         return self._models[name]
+
+    def merged(self, name: str) -> str:
+        """The name of the model's merged weights (a PEFT study), or the model itself."""
+        return name + MERGED if self.peft else name
 
     def keep_only(self, *names: str) -> None:
         """Free every loaded child but ``names`` (the parent stays)."""
-        for name in [n for n in self._models if n != "parent" and n not in names]:
+        keep = {"parent", self.merged("parent") if self._ready else "parent"}
+        keep |= set(names) | {n + MERGED for n in names}
+        for name in [n for n in self._models if n not in keep]:
             del self._models[name]
 
     def sums(self, name: str, split: str) -> EvalSums:
@@ -195,21 +229,34 @@ class _Analysis:
 
     # ---- measures ----------------------------------------------------------------------------
     def measure(self, name_a: str, name_b: str) -> dict[str, Any]:
+        """Every measure of a pair. For a PEFT study: L2 of the adapters and of the merged weights,
+        barriers along the line of ``peft_path``, CKA and alignment on the merged models."""
         args, splits = self.args, self.splits
         a, b = self.model(name_a), self.model(name_b)
         result: dict[str, Any] = {"a": name_a, "b": name_b}
-        distance = l2_distance(a, b, per_layer=True)
+        # a PEFT study's L2 is that of what trains: the adapters (the base is the same in every model)
+        distance = l2_between(adapter_tensors(a), adapter_tensors(b), True) if self.peft else l2_distance(a, b, True)
         result["l2"] = {"l2": distance.l2, "relative": distance.relative, "per_layer": distance.per_layer}
+        if self.peft:
+            merged = l2_distance(self.model(self.merged(name_a)), self.model(self.merged(name_b)), per_layer=True)
+            result["merged_l2"] = {"l2": merged.l2, "relative": merged.relative, "per_layer": merged.per_layer}
+        path_a, path_b = (self.merged(name_a), self.merged(name_b)) if args.peft_path == PeftPath.MERGED \
+            else (name_a, name_b)
         result["barriers"] = {}
         for split, data in splits.items():
-            found = barriers(a, b, data, ("loss", "error"), args.alphas, self.evaluator,
-                             endpoints=(self.sums(name_a, split), self.sums(name_b, split)))
+            found = barriers(self.model(path_a), self.model(path_b), data, ("loss", "error"), args.alphas,
+                             self.evaluator, endpoints=(self.sums(path_a, split), self.sums(path_b, split)))
             result["barriers"][split] = {metric: r.to_dict() for metric, r in found.items()}
-        representation = compare_representations(a, b, splits["eval"], args.pooling, self.evaluator)
+        seen_a, seen_b = self.merged(name_a), self.merged(name_b)
+        representation = compare_representations(self.model(seen_a), self.model(seen_b), splits["eval"],
+                                                 self.readout.pooling, self.evaluator)
         values = [v if math.isfinite(v) else None for v in representation.cka]  # None: undefined (no variance)
-        result["cka"] = {"pooling": args.pooling.value, "layers": representation.layers, "values": values}
+        result["cka"] = {"pooling": representation.pooling, "layers": representation.layers, "values": values}
         result["disagreement"] = representation.disagreement
-        result["aligned"] = self.align(name_a, a, name_b, b) if self.spec is not None else None
+        aligned = None
+        if self.spec is not None:
+            aligned = self.align(seen_a, self.model(seen_a), seen_b, self.model(seen_b))
+        result["aligned"] = aligned
         return result
 
     def align(self, name_a: str, a: torch.nn.Module, name_b: str, b: torch.nn.Module) -> dict[str, Any]:
@@ -217,7 +264,7 @@ class _Analysis:
         function, so b's own sums serve as the far endpoint. b is permuted in place (no second copy
         in memory) and dropped afterwards."""
         args, evaluator = self.args, self.evaluator
-        if args.alignment == AlignmentMethod.WEIGHT:
+        if self.method == AlignmentMethod.WEIGHT:
             match = weight_matching(a, b, self.spec, seed=args.alignment_seed, device=evaluator.device)
         else:
             match = activation_matching(a, b, self.spec, self.alignment_data, evaluator=evaluator)
@@ -264,8 +311,9 @@ class _Analysis:
         if self.args.pairs in (Pairs.PARENT_CHILD, Pairs.ALL):
             jobs += [("parent-child", "parent", c.name, c) for c in done]
         if self.args.pairs in (Pairs.CHILD_CHILD, Pairs.ALL):
-            perturbed = [c for c in done if c.child != self.control]
-            jobs += [("child-child", i.name, j.name, j) for i, j in itertools.combinations(perturbed, 2)]
+            perturbed = [c for c in done if c.child != self.control]  # pairs within a group: one perturbation
+            jobs += [("child-child", i.name, j.name, j) for i, j in itertools.combinations(perturbed, 2)
+                     if i.group == j.group]
         return jobs
 
     def analyze(self) -> Report:
@@ -293,6 +341,8 @@ class _Analysis:
                         amplification=(pair["l2"]["l2"] / child.perturbation_l2
                                        if kind == "parent-child" and child.perturbation_l2 > 0 else None),
                     )
+                pair.update(group=child.group, reference=child.reference,
+                            perturbation_size=child.relative_size if kind == "parent-child" else None)
                 if kind == "parent-child":
                     self.cross_check(child, pair)
                 pairs.append(pair)
@@ -327,24 +377,30 @@ class _Analysis:
             mine = [p for p in pairs if p["spawn_step"] == t and p["kind"] == "parent-child"]
             controls = [_scalars(p) for p in mine if p["is_control"]]
             floor = controls[0] if controls else None
-            perturbed = []
-            for pair in mine:
-                if not pair["is_control"]:
+            groups = list(dict.fromkeys(p["group"] for p in mine if not p["is_control"])) or ["control"]
+            for group in groups:  # one row per perturbation of the step (references last, as planned)
+                members = [p for p in mine if not p["is_control"] and p["group"] == group]
+                perturbed = []
+                for pair in members:
                     perturbed.append(_scalars(pair))
                     pair["noise_floor"] = compare_with_floor(perturbed[-1], floor)
-            at_floor = [pair["noise_floor"]["indistinguishable"] for pair in mine if pair["noise_floor"] is not None]
-            keys = list(perturbed[0]) if perturbed else []
-            summary.append({
-                "spawn_step": t,
-                "num_children": len(perturbed),
-                "control": floor,
-                "children": {key: _mean_std([row[key] for row in perturbed]) for key in keys},
-                "indistinguishable_from_floor": None if floor is None else sum(at_floor),
-            })
+                at_floor = [pair["noise_floor"]["indistinguishable"] for pair in members]
+                keys = list(perturbed[0]) if perturbed else []
+                sizes = [p["perturbation_size"] for p in members]
+                summary.append({
+                    "spawn_step": t,
+                    "group": group,
+                    "reference": members[0]["reference"] if members else None,
+                    "perturbation_size": _mean_std(sizes)["mean"],
+                    "num_children": len(perturbed),
+                    "control": floor,
+                    "children": {key: _mean_std([row[key] for row in perturbed]) for key in keys},
+                    "indistinguishable_from_floor": None if floor is None else sum(at_floor),
+                })
         divergence = [
             {"spawn_step": c.spawn_step, "child": c.child, "is_control": c.child == self.control,
-             "perturbation_l2": c.perturbation_l2, "steps": [r["step"] for r in c.divergence],
-             "l2": [r["l2"] for r in c.divergence]}
+             "group": c.group, "reference": c.reference, "perturbation_l2": c.perturbation_l2,
+             "steps": [r["step"] for r in c.divergence], "l2": [r["l2"] for r in c.divergence]}
             for c in inputs.children.values()
         ]
         diverged = [{"spawn_step": c.spawn_step, "child": c.child, **c.diverged}
@@ -365,6 +421,7 @@ class _Analysis:
                 "children": config["children"],
                 "control_child": self.control,
                 "perturbations": config["perturbations"],
+                "references": config.get("references", {}),
                 "model": model_class,
                 "task": "image-classification" if "Image" in (model_class or "") else "text-classification",
                 "base_model": self.stability.get("base_model"),
@@ -391,13 +448,19 @@ class _Analysis:
             "eval_split": args.eval_split if self.given["eval_data"] is None else "given",
             "eval_samples": len(splits["eval"]),
             "pairs": args.pairs.value,
-            "pooling": args.pooling.value,
+            "pooling": self.readout.pooling.value,
+            "readout": self.readout.reason,
+            "head": {"name": self.head.name, "loss": "the model's own loss from its labels",
+                     "error": self.head.error_rule},
             "batch_size": args.batch_size,
             "autocast": args.autocast.value,
             "num_processes": processes,
+            "peft": ({"adapter": adapter_type(self.model("parent")), "path": args.peft_path.value}
+                     if self.peft else None),
             "alignment": {
-                "method": args.alignment.value,
-                "seed": args.alignment_seed if args.alignment == AlignmentMethod.WEIGHT else None,
+                "method": self.method.value,
+                "skipped": self.alignment_skipped,
+                "seed": args.alignment_seed if self.method == AlignmentMethod.WEIGHT else None,
                 "samples": len(self.alignment_data) if self.alignment_data is not None else None,
                 "architecture": self.spec.architecture if self.spec is not None else None,
             },

@@ -15,14 +15,17 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from ..errors import ReportError
+from ..hints import setting
 
-REPORT_SCHEMA_VERSION = 4
+REPORT_SCHEMA_VERSION = 6
 
 
 @dataclass
 class BarrierResult:
     """``values[i]`` is the metric (lower is better) at ``alphas[i]``;
-    ``barrier = max_i values[i] - ((1 - alphas[i]) endpoint_a + alphas[i] endpoint_b)``."""
+    ``barrier = max_i values[i] - ((1 - alphas[i]) endpoint_a + alphas[i] endpoint_b)``, the
+    largest gap over the straight line between the endpoints; ``gap_at_peak`` the paper code's
+    definition, the gap at the path's highest point (equal when the endpoints are)."""
 
     metric: str
     alphas: list[float]
@@ -30,6 +33,7 @@ class BarrierResult:
     endpoint_a: float
     endpoint_b: float
     barrier: float
+    gap_at_peak: float
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,9 +103,13 @@ class Pair:
     l2: Distance
     barriers: dict[str, dict[str, BarrierResult]]
     cka: Representations
-    disagreement: float
+    disagreement: float | None
     noise_floor: NoiseFloor | None = None
     aligned: Aligned | None = None
+    merged_l2: Distance | None = None  # PEFT runs: the L2 of the merged weights (``l2`` is the adapters')
+    group: str = "control"  # b's perturbation (PerturbationConfig.group): "gaussian 0.01", "init_seed"...
+    reference: str | None = None  # init_seed | data_order: b is a reference child
+    perturbation_size: float | None = None  # parent-child: b's perturbation L2 over an initialisation's L2
 
 
 @dataclass
@@ -122,6 +130,9 @@ class SpawnSummary:
     control: dict[str, float | None] | None
     children: dict[str, Stat]
     indistinguishable_from_floor: int | None
+    group: str = "control"  # the children's perturbation; a step has one row per group
+    reference: str | None = None  # init_seed | data_order: a reference band
+    perturbation_size: float | None = None  # the children's mean perturbation L2 over an initialisation's L2
 
 
 @dataclass
@@ -134,6 +145,8 @@ class Trajectory:
     perturbation_l2: float
     steps: list[int]
     l2: list[float]
+    group: str = "control"
+    reference: str | None = None
 
 
 @dataclass
@@ -156,14 +169,34 @@ class RunInfo:
     task: str
     base_model: str | None
     dataset_name: str | None
+    references: dict[str, str] = field(default_factory=dict)  # c<k> -> init_seed | data_order
 
 
 @dataclass
 class AlignmentSettings:
-    method: str
+    method: str  # weight | activation | none
+    skipped: str | None  # why alignment was skipped (alignment "auto" on an architecture without a spec)
     seed: int | None
     samples: int | None
     architecture: str | None
+
+
+@dataclass
+class PeftSettings:
+    """A PEFT study's analysis: its adapter type and the line its barriers follow."""
+
+    adapter: str  # LORA, IA3...
+    path: str  # adapters | merged
+
+
+@dataclass
+class HeadSettings:
+    """How the head was measured (analysis/heads.py): its kind, its loss, and the rule that counts
+    an error and a disagreement (None: the head has none, so neither is reported)."""
+
+    name: str
+    loss: str
+    error: str | None
 
 
 @dataclass
@@ -173,17 +206,20 @@ class Settings:
     eval_split: str
     eval_samples: int
     pairs: str
-    pooling: str
+    pooling: str  # the tokens CKA read: cls | last | mean | all
+    readout: str  # why those
+    head: HeadSettings
     batch_size: int
     autocast: str
     num_processes: int
     alignment: AlignmentSettings
+    peft: PeftSettings | None = None
 
 
 @dataclass
 class Metrics:
     loss: float
-    error: float
+    error: float | None
 
 
 @dataclass
@@ -219,16 +255,28 @@ class Report:
                 if p.kind == "parent-child" and (spawn_step is None or p.spawn_step == spawn_step)]
 
     def perturbed(self, spawn_step: int) -> list[Pair]:
-        """The perturbed children of a spawn step against the parent."""
-        return [p for p in self.parent_child(spawn_step) if not p.is_control]
+        """The perturbed children of a spawn step against the parent (not the reference children)."""
+        return [p for p in self.parent_child(spawn_step) if not p.is_control and p.reference is None]
+
+    def perturbation_rows(self) -> list[SpawnSummary]:
+        """The summary rows of perturbed children (one per spawn step and perturbation)."""
+        return [row for row in self.summary if row.children and row.reference is None]
+
+    def reference_rows(self, reference: str) -> list[SpawnSummary]:
+        """The summary rows of one reference kind (init_seed: spawn step 0 only)."""
+        return [row for row in self.summary if row.children and row.reference == reference]
+
+    def groups(self) -> list[str]:
+        """The perturbations of the study's perturbed children, in the order planned."""
+        return list(dict.fromkeys(row.group for row in self.perturbation_rows()))
 
 
 # ---- typed reading ---------------------------------------------------------------------------------
 def _refuse(where: str, expected: str, value: Any, source: str) -> ReportError:
     shown = repr(value) if len(repr(value)) < 80 else repr(value)[:77] + "..."
     return ReportError(f"{source}: the field {where.lstrip('.') or '(top)'!r} holds {shown}, not {expected}: the file "
-                       "is incomplete, damaged or was edited. Run `hf-stability analyze RUN --reanalyze` to write it "
-                       "again.")
+                       f"is incomplete, damaged or was edited. Analyse the run again with {setting('reanalyze')} to "
+                       "write it again.")
 
 
 def _build(kind: Any, value: Any, where: str, source: str) -> Any:
@@ -256,8 +304,8 @@ def _build(kind: Any, value: Any, where: str, source: str) -> Any:
                 if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
                     continue
                 raise ReportError(f"{source} lacks the field {(where + '.' + f.name).lstrip('.')!r}: the file is "
-                                  "incomplete or was edited. Run `hf-stability analyze RUN --reanalyze` to write it "
-                                  "again.")
+                                  f"incomplete or was edited. Analyse the run again with {setting('reanalyze')} "
+                                  "to write it again.")
             values[f.name] = _build(hints[f.name], value[f.name], f"{where}.{f.name}", source)
         return kind(**values)
     if origin is list:

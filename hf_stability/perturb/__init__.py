@@ -4,13 +4,23 @@ Pure torch, no Trainer: ``perturb_model(model, PerturbationConfig(...), step=t, 
 """
 
 from .apply import PerturbationRecord, TensorChange, perturb_model
-from .config import KINDS, RNG_KINDS, SCALE_MODES, WEIGHT_KINDS, PerturbationConfig, PerturbationKind, ScaleMode
+from .config import (
+    KINDS,
+    REFERENCE_KINDS,
+    RNG_KINDS,
+    SCALE_MODES,
+    WEIGHT_KINDS,
+    PerturbationConfig,
+    PerturbationKind,
+    ScaleMode,
+)
 from .rng import derive_seed, make_generator, preserve_global_rng
 from .scales import init_scales
 from .selection import select_parameters
 
 __all__ = [
     "KINDS",
+    "REFERENCE_KINDS",
     "RNG_KINDS",
     "SCALE_MODES",
     "ScaleMode",

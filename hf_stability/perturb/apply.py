@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..atomic_io import write_json
-from ..errors import PerturbationConfigError
+from ..errors import PerturbationConfigError, UnknownInitScaleError
 from .config import RNG_KINDS, PerturbationConfig, PerturbationKind, ScaleMode
 from .rng import derive_seed, make_generator, preserve_global_rng
 from .scales import init_scales, param_scales
@@ -34,6 +34,7 @@ class TensorChange:
     noise_l2: float
     change_l2: float
     indices: list[int] | None = None
+    deltas: list[float] | None = None  # after - before of each recorded index, exactly (float64)
 
 
 @dataclass
@@ -42,7 +43,11 @@ class PerturbationRecord:
 
     ``noise_l2`` is the L2 norm of the noise that was drawn; ``change_l2`` the L2 norm of the
     actual change of the weights (they differ only by rounding to the parameter dtype).
-    ``reseed`` is the new data or dropout seed of the ``data_order`` and ``dropout`` kinds.
+    ``init_l2`` is ``sqrt(sum_p s_p^2 n_p)`` over every selected tensor, the L2 norm of an
+    initialisation, and ``relative_size`` is ``change_l2 / init_l2``: the size of any
+    perturbation, from one weight to another init, on one axis (the paper's normalisation).
+    ``reseed`` is the new data, dropout or init seed of the ``data_order``, ``dropout`` and
+    ``init_seed`` kinds.
     """
 
     kind: str
@@ -56,8 +61,11 @@ class PerturbationRecord:
     noise_l2: float = 0.0
     change_l2: float = 0.0
     expected_init_l2: float = 0.0
+    init_l2: float | None = None
+    relative_size: float | None = None
     reseed: int | None = None
     tensors: list[TensorChange] = field(default_factory=list)
+    note: str | None = None
 
     @property
     def tensor_names(self) -> list[str]:
@@ -130,19 +138,24 @@ def perturb_model(
     step: int = 0,
     child: int = 0,
     batch: Mapping[str, Any] | None = None,
+    model_init: Callable[[], nn.Module] | None = None,
 ) -> PerturbationRecord:
     """Perturb ``model`` in place as ``config`` says and return what changed.
 
     The noise is drawn from a CPU generator seeded by ``(config.seed, step, child)``; the
     python, numpy and torch global RNG states are the same after the call as before.
-    ``batch`` (a dict of tensors with labels) is needed for ``kind='batch'`` only.
+    ``batch`` (a dict of tensors with labels) is needed for ``kind='batch'`` only;
+    ``model_init`` (builds the model from the global RNG, as the Trainer's does) for
+    ``kind='init_seed'`` only: it is called with the global RNG seeded by the record's
+    ``reseed``.
 
     Raises:
         NoMatchingParametersError: the include/exclude patterns select nothing, or fewer entries
             than ``num_entries``.
         UnknownInitScaleError: ``scale_mode='init'`` for a tensor whose initialiser is not known.
-        PerturbationConfigError: ``kind='batch'`` without a batch (or one that gives no gradient), or
-            a parameter sharded away from this process (FSDP, ZeRO-3).
+        PerturbationConfigError: ``kind='batch'`` without a batch (or one that gives no gradient),
+            ``kind='init_seed'`` without a ``model_init`` (or one that seeds itself), or a parameter
+            sharded away from this process (FSDP, ZeRO-3).
     """
     generator_seed = derive_seed(config.seed, step, child)
     record = PerturbationRecord(
@@ -153,8 +166,11 @@ def perturb_model(
         generator_seed=generator_seed,
         config=config.to_dict(),
     )
-    if config.kind in RNG_KINDS:
+    if config.kind in RNG_KINDS or config.kind == PerturbationKind.INIT_SEED:
         record.reseed = derive_seed(config.seed, step, child, stream=1) & 0x7FFFFFFF
+    if config.kind == PerturbationKind.INIT_SEED:
+        return _reinitialise(model, config, record, model_init)
+    if config.kind in RNG_KINDS:
         return record
     if not config.changes_weights:
         return record  # the control: nothing is touched, not even -0.0 -> +0.0
@@ -162,7 +178,11 @@ def perturb_model(
         raise PerturbationConfigError("kind='batch' needs a batch: pass batch={...} with inputs and labels.")
 
     with preserve_global_rng(), torch.no_grad():
-        params = select_parameters(model, config.include, config.exclude)
+        params = select_parameters(model, config.include, config.exclude, config.trainable_only)
+        frozen = sum(1 for _, p in model.named_parameters() if p.is_floating_point() and not p.requires_grad)
+        if config.trainable_only and frozen:
+            record.note = (f"Only trainable parameters were perturbed: {frozen} frozen tensors were left as they are "
+                           "(perturb them with trainable_only=False).")
         sharded = [name for name, p in params.items() if p.numel() == 0]
         if sharded:
             raise PerturbationConfigError(
@@ -170,18 +190,19 @@ def perturb_model(
                 "Perturb with DDP or on one process; sharded parameters are not supported."
             )
         generator = make_generator(config.seed, step, child)
+        single = config.kind == PerturbationKind.SINGLE_WEIGHT
         entries = choose_entries(
-            {name: p.numel() for name, p in params.items()}, generator, config.fraction, config.num_entries
+            {name: p.numel() for name, p in params.items()}, generator, config.fraction,
+            1 if single else config.num_entries,
         )
-        if config.scale_mode == ScaleMode.INIT:
-            scales = init_scales(model, list(params))
-        elif config.scale_mode == ScaleMode.PARAM:
-            scales = param_scales(params)
-        else:
-            scales = {name: 1.0 for name in params}
+        scales = _scales(model, params, config.scale_mode)
         counts = {name: (p.numel() if entries[name] is None else int(entries[name].numel()))
                   for name, p in params.items()}
         expected = math.sqrt(sum(scales[n] ** 2 * counts[n] for n in params))
+        init_l2 = math.sqrt(sum(scales[n] ** 2 * p.numel() for n, p in params.items()))
+        selected = sum(p.numel() for p in params.values())
+        if single:  # only the tensor holding the chosen entry is touched (and recorded)
+            params = {n: p for n, p in params.items() if counts[n]}
 
         gradients = _batch_gradient(model, params, batch) if config.kind == PerturbationKind.BATCH else None
         if gradients is not None:
@@ -199,6 +220,8 @@ def perturb_model(
         def direction(name: str) -> torch.Tensor:
             if gradients is not None:
                 return _entries(gradients[name], entries[name]) * gradient_factor
+            if single:  # a random sign: the size is exactly scale * s_p
+                return torch.randint(0, 2, (1,), generator=generator).to(torch.float32) * 2 - 1
             return torch.randn(counts[name], generator=generator, dtype=torch.float32)
 
         factor = config.scale
@@ -220,8 +243,10 @@ def perturb_model(
             else:
                 flat.index_add_(0, index.to(p.device), values)
             after = _entries(p.detach(), index.to(p.device) if index is not None else None)
-            change_l2 = float((after.double() - before.double()).norm())
+            delta = after.double() - before.double()
+            change_l2 = float(delta.norm())
             noise_l2 = float(noise.norm())
+            recorded = index is not None and index.numel() <= MAX_RECORDED_INDICES
             total_noise_sq += noise_l2**2
             total_change_sq += change_l2**2
             record.tensors.append(
@@ -233,12 +258,74 @@ def perturb_model(
                     scale=scales[name],
                     noise_l2=noise_l2,
                     change_l2=change_l2,
-                    indices=index.tolist() if index is not None and index.numel() <= MAX_RECORDED_INDICES else None,
+                    indices=index.tolist() if recorded else None,
+                    deltas=delta.cpu().tolist() if recorded else None,
                 )
             )
-        record.entries_total = sum(p.numel() for p in params.values())
+        record.entries_total = selected
         record.entries_changed = sum(counts.values())
         record.noise_l2 = math.sqrt(total_noise_sq)
         record.change_l2 = math.sqrt(total_change_sq)
         record.expected_init_l2 = config.scale * expected
+        _set_size(record, init_l2)
+    return record
+
+
+def _scales(model: nn.Module, params: dict[str, nn.Parameter], mode: ScaleMode) -> dict[str, float]:
+    if mode == ScaleMode.INIT:
+        return init_scales(model, list(params))
+    if mode == ScaleMode.PARAM:
+        return param_scales(params)
+    return {name: 1.0 for name in params}
+
+
+def _set_size(record: PerturbationRecord, init_l2: float) -> None:
+    record.init_l2 = init_l2
+    record.relative_size = record.change_l2 / init_l2 if init_l2 > 0 else None
+
+
+def _reinitialise(model: nn.Module, config: PerturbationConfig, record: PerturbationRecord,
+                  model_init: Callable[[], nn.Module] | None) -> PerturbationRecord:
+    """kind='init_seed': the selected weights become those of ``model_init()`` under the
+    global seed ``record.reseed`` (the global RNG is put back afterwards)."""
+    from transformers import set_seed
+
+    if model_init is None:
+        raise PerturbationConfigError(
+            "kind='init_seed' builds another initialisation and needs the model_init that built this one: pass "
+            "model_init= to perturb_model or PerturbationCallback (StabilityTrainer: build the Trainer with "
+            "model_init=...)."
+        )
+    with preserve_global_rng(), torch.no_grad():
+        params = select_parameters(model, config.include, config.exclude, config.trainable_only)
+        set_seed(int(record.reseed))
+        fresh = dict(model_init().named_parameters())
+        missing = sorted(set(params) - set(fresh))
+        if missing:
+            raise PerturbationConfigError(
+                f"model_init builds a model without the parameter {missing[0]!r} of the model being trained: "
+                "kind='init_seed' needs model_init to build the same architecture."
+            )
+        try:
+            scales = _scales(model, params, config.scale_mode)
+        except UnknownInitScaleError:  # the change is still recorded, its relative size is not known
+            scales = {name: 0.0 for name in params}
+        total_sq = 0.0
+        for name, p in params.items():
+            before = p.detach().double().clone()
+            p.data.copy_(fresh[name].detach().to(device=p.device, dtype=p.dtype).view_as(p))
+            change_l2 = float((p.detach().double() - before).norm())
+            total_sq += change_l2**2
+            record.tensors.append(TensorChange(name=name, shape=list(p.shape), entries_total=p.numel(),
+                                               entries_changed=p.numel(), scale=scales[name], noise_l2=change_l2,
+                                               change_l2=change_l2))
+        if total_sq == 0.0:
+            raise PerturbationConfigError(
+                "model_init built the same weights under another seed: it seeds the random number generator "
+                "itself. Remove its set_seed call (the Trainer seeds before it calls model_init), so that "
+                "kind='init_seed' gets another initialisation."
+            )
+        record.entries_total = record.entries_changed = sum(p.numel() for p in params.values())
+        record.noise_l2 = record.change_l2 = math.sqrt(total_sq)
+        _set_size(record, math.sqrt(sum(scales[n] ** 2 * p.numel() for n, p in params.items())))
     return record

@@ -21,6 +21,8 @@ class PerturbationKind(ExplicitEnum):
     BATCH = "batch"  # a step along the loss gradient of an independent batch
     DATA_ORDER = "data_order"  # another data order after the spawn step
     DROPOUT = "dropout"  # another dropout seed after the spawn step
+    SINGLE_WEIGHT = "single_weight"  # one weight moved by exactly scale * s_p (random sign)
+    INIT_SEED = "init_seed"  # the weights of another initialisation (model_init under another seed), at step 0
 
 
 class ScaleMode(ExplicitEnum):
@@ -33,10 +35,13 @@ class ScaleMode(ExplicitEnum):
     ABSOLUTE = "absolute"  # 1
 
 
-#: Kinds that change the weights once, at the spawn step.
-WEIGHT_KINDS = (PerturbationKind.GAUSSIAN, PerturbationKind.BATCH)
+#: Kinds that change the weights once, at the spawn step, by ``scale`` (0: the control).
+WEIGHT_KINDS = (PerturbationKind.GAUSSIAN, PerturbationKind.BATCH, PerturbationKind.SINGLE_WEIGHT)
 #: Kinds that change the randomness after the spawn step (the SGD-noise baselines).
 RNG_KINDS = (PerturbationKind.DATA_ORDER, PerturbationKind.DROPOUT)
+#: The randomness every user already knows, as reference bands for the perturbations: another
+#: initialisation (same data order) and another data order (same initialisation).
+REFERENCE_KINDS = (PerturbationKind.INIT_SEED, PerturbationKind.DATA_ORDER)
 KINDS = tuple(PerturbationKind.values())
 SCALE_MODES = tuple(ScaleMode.values())
 
@@ -49,8 +54,14 @@ class PerturbationConfig:
     ``scale_mode`` (``init``: the std the model's initialiser draws ``p`` from; ``param``:
     the std of ``p`` now; ``absolute``: 1) and ``eps_p`` is standard normal noise
     (kind ``gaussian``) or the normalised loss gradient on an independent batch (kind
-    ``batch``). Kinds ``data_order`` and ``dropout`` change no weight: after the spawn step
-    the run uses another data order or dropout seed. Kind ``none`` is the control.
+    ``batch``). Kind ``single_weight`` moves one entry, drawn uniformly from the selected ones,
+    by exactly ``scale * s_p`` with a random sign (the paper's smallest perturbation, its size in
+    units of the init scale). Kinds ``data_order`` and ``dropout`` change no weight: after the
+    spawn step the run uses another data order or dropout seed. Kind ``init_seed`` (spawn step 0
+    only) replaces the selected weights by those ``model_init`` builds under another seed: an
+    independently initialised run with the same data order. Kind ``none`` is the control.
+    ``trainable_only``: touch only parameters that train (a frozen weight perturbed would never
+    train again, and a PEFT adapter's checkpoints do not even save it).
     """
 
     kind: PerturbationKind = PerturbationKind.GAUSSIAN
@@ -63,6 +74,7 @@ class PerturbationConfig:
     exclude: list[str] = field(default_factory=list)
     seed: int = 0
     batch_size: int = 32
+    trainable_only: bool = True
 
     def __post_init__(self) -> None:
         self.kind, self.scale_mode = PerturbationKind(self.kind), ScaleMode(self.scale_mode)
@@ -86,6 +98,12 @@ class PerturbationConfig:
             raise PerturbationConfigError(
                 f"num_entries must be >= 1 (1 perturbs a single weight), got {self.num_entries}."
             )
+        if self.kind == PerturbationKind.SINGLE_WEIGHT and (self.fraction is not None or self.num_entries is not None
+                                                            or self.normalize):
+            raise PerturbationConfigError(
+                "kind='single_weight' perturbs exactly one entry by scale * s_p: leave fraction, num_entries and "
+                "normalize unset (kind='gaussian' with num_entries perturbs several)."
+            )
         if self.batch_size < 1:
             raise PerturbationConfigError(f"batch_size must be >= 1, got {self.batch_size}.")
         self.include = list(self.include or [])
@@ -104,6 +122,16 @@ class PerturbationConfig:
     @property
     def is_control(self) -> bool:
         return self.kind == "none" or (self.kind in WEIGHT_KINDS and self.scale == 0)
+
+    @property
+    def group(self) -> str:
+        """The children of one spawn step that share this perturbation, by name: ``control``,
+        ``gaussian 0.01``, ``single_weight 1``, ``init_seed``, ``data_order``... (a report's rows)."""
+        if self.is_control:
+            return "control"
+        if self.kind in WEIGHT_KINDS:
+            return f"{self.kind.value} {self.scale:g}"
+        return self.kind.value
 
     def to_dict(self) -> dict[str, Any]:
         return plain(asdict(self))

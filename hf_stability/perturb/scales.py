@@ -45,16 +45,44 @@ def _torch_default_std(module: nn.Module) -> float | None:
     return None
 
 
+def _adapter_std(model: nn.Module, name: str) -> float | None:
+    """The init std of a PEFT adapter tensor, None for any other tensor.
+
+    LoRA's A starts as PyTorch's Linear (kaiming uniform, std 1/sqrt(3 fan_in)) or, with
+    ``init_lora_weights="gaussian"``, N(0, 1/r). LoRA's B starts at zero, so its own init std is
+    0: its scale is taken as its A's, so that an init-scale perturbation moves both factors of
+    the update alike. IA3's vectors start at 1: their scale is 1.
+    """
+    if ".lora_B." in name:
+        return _adapter_std(model, name.replace(".lora_B.", ".lora_A."))
+    if ".ia3_l." in name:
+        return 1.0
+    if ".lora_A." not in name:
+        return None
+    module_name, _, _ = name.rpartition(".")
+    layer_name, _, adapter = module_name.partition(".lora_A.")
+    config = getattr(model, "peft_config", {}).get(adapter)
+    if getattr(config, "init_lora_weights", True) == "gaussian":
+        return 1.0 / float(model.get_submodule(layer_name).r[adapter])
+    weight = model.get_submodule(module_name).weight
+    return 1.0 / math.sqrt(3.0 * weight.shape[1])
+
+
 def init_scales(model: nn.Module, names: list[str]) -> dict[str, float]:
-    """The initialiser std of each named parameter (see the module docstring)."""
+    """The initialiser std of each named parameter (see the module docstring; PEFT adapters:
+    ``_adapter_std``)."""
+    adapters = {name: _adapter_std(model, name) for name in names}
     model_std = _transformers_init_std(model)
     if model_std is None and _is_timm_model(model):
         model_std = TIMM_INIT_STD
     if model_std is not None:
-        return {name: model_std for name in names}
+        return {name: adapters[name] if adapters[name] is not None else model_std for name in names}
 
     scales: dict[str, float] = {}
     for name in names:
+        if adapters[name] is not None:
+            scales[name] = adapters[name]
+            continue
         module_name = name.rpartition(".")[0]
         module = model.get_submodule(module_name) if module_name else model
         std = _torch_default_std(module)

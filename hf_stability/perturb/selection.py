@@ -10,11 +10,21 @@ from torch import nn
 from ..errors import NoMatchingParametersError
 
 
-def select_parameters(model: nn.Module, include: list[str], exclude: list[str]) -> dict[str, nn.Parameter]:
+def select_parameters(
+    model: nn.Module, include: list[str], exclude: list[str], trainable_only: bool = False
+) -> dict[str, nn.Parameter]:
     """Floating-point parameters whose name matches an include pattern (all when none is given)
-    and no exclude pattern, in the model's own order. Raises when a pattern matches no parameter
-    or nothing is selected."""
-    floating = {name: p for name, p in model.named_parameters() if p.is_floating_point()}
+    and no exclude pattern, in the model's own order; with ``trainable_only``, only those that
+    train (``requires_grad``: a frozen weight perturbed never trains again, and an adapter
+    checkpoint does not even save it). Raises when a pattern matches no parameter or nothing is
+    selected."""
+    floating = {name: p for name, p in model.named_parameters()
+                if p.is_floating_point() and (p.requires_grad or not trainable_only)}
+    if not floating:
+        raise NoMatchingParametersError(
+            f"The {type(model).__name__} has no trainable floating-point parameter to perturb: unfreeze some, or "
+            "perturb frozen ones with trainable_only=False."
+        )
     example = ", ".join(list(floating)[:4])
     # every pattern must match something: a mistyped exclude would silently perturb what it was meant to spare
     unmatched = [pat for pat in [*include, *exclude] if not any(re.search(pat, name) for name in floating)]
@@ -32,6 +42,7 @@ def select_parameters(model: nn.Module, include: list[str], exclude: list[str]) 
             f"The exclude patterns {exclude} remove every parameter selected by include={include or 'all'}. "
             f"Parameter names look like: {example}, ..."
         )
+
     return selected
 
 

@@ -17,6 +17,8 @@ logger = logging.getLogger(__name__)
 
 TAGS = ["hf-stability", "training-stability", "butterfly-effect", "linear-mode-connectivity"]
 FIGURES = {
+    "barrier_vs_size.png": "Loss and error barriers against the perturbation's size, one line per spawn step, with "
+                           "the noise floor and the reference bands",
     "barrier_vs_spawn_step.png": "Loss and error barriers against the spawn step, with the noise floor",
     "aligned_vs_unaligned.png": "Barriers before and after permutation alignment",
     "divergence.png": "L2 distance to the parent during training, every child",
@@ -31,6 +33,7 @@ def stability_section(report: Report, plots: dict[str, Path] | None = None, plot
     """Markdown: the summary in words, the table per spawn step (children beside the control)
     and the figures (linked under ``plots_prefix``)."""
     lines = ["## Summary", "", summary_paragraph(report), "", "## Results", "", summary_table(report, markdown=True)]
+    lines += _size_table(report)
     lines += _floor_table(report)
     if plots:
         lines += ["", "## Figures", ""]
@@ -38,6 +41,33 @@ def stability_section(report: Report, plots: dict[str, Path] | None = None, plot
             if name in plots:
                 lines += [f"![{caption}]({plots_prefix}{name})", "", f"*{caption}.*", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _size_table(report: Report) -> list[str]:
+    """The eval loss and error barrier of every perturbation (by its size) and reference at
+    every spawn step, beside the noise floor: the numbers of barrier_vs_size.png."""
+    if len(report.groups()) < 2 and not report.run.references:
+        return []
+    steps = report.run.spawn_steps
+    columns = [Column("children", left=True), Column("size")] + [Column(f"t = {t}") for t in steps]
+    cells: dict[str, dict[int, Any]] = {}
+    sizes: dict[str, list[float]] = {}
+    for row in report.summary:
+        if row.control:
+            cells.setdefault("control (noise floor)", {})[row.spawn_step] = row.control
+        if row.children:
+            cells.setdefault(row.group, {})[row.spawn_step] = row.children
+            if row.perturbation_size:
+                sizes.setdefault(row.group, []).append(row.perturbation_size)
+    out = []
+    for metric in ("loss", "error"):
+        key = f"{metric}_barrier_eval"
+        rows = [[group, format_value(sum(sizes[group]) / len(sizes[group])) if group in sizes else "",
+                 *[format_value(by_step[t].get(key)) if t in by_step else "" for t in steps]]
+                for group, by_step in cells.items()]
+        out += ["", f"Eval {metric} barrier by perturbation and spawn step (size: the perturbation's L2 over the L2 "
+                "of an initialisation; mean +- std over children):", "", render_table(columns, rows, markdown=True)]
+    return ["", "## Barrier against perturbation size", *out]
 
 
 def _floor_table(report: Report) -> list[str]:
@@ -70,11 +100,12 @@ def card_data(report: Report) -> Any:
     base_model, dataset = run.base_model, run.dataset_name
     name = f"{base_model.split('/')[-1]}-stability-report" if base_model else "stability-report"
     results = None
-    if dataset:
+    accuracy = report.parent["eval"].error
+    if dataset and accuracy is not None:
         results = [EvalResult(
             task_type=run.task, dataset_type=dataset, dataset_name=dataset, dataset_split="eval",
             metric_type="accuracy", metric_name="parent eval accuracy",
-            metric_value=round(1.0 - report.parent["eval"].error, 6),
+            metric_value=round(1.0 - accuracy, 6),
         )]
     return ModelCardData(
         library_name="hf_stability",
@@ -102,9 +133,24 @@ def build_card(report: Report, plots: dict[str, Path]) -> Any:
         eval_samples=settings.eval_samples,
         floor_factor=f"{FLOOR_FACTOR:g}",
         alignment=settings.alignment.method,
+        alignment_skipped=settings.alignment.skipped,
         pooling=settings.pooling,
+        readout=settings.readout,
+        head=settings.head.name,
+        error_rule=settings.head.error,
+        adapter=adapter_name(settings.peft.adapter) if settings.peft else None,
+        peft_path=("between the merged weights, base + adapter" if settings.peft and settings.peft.path == "merged"
+                   else "between the adapters"),
         schema_version=report.schema_version,
     )
+
+
+#: How the card names PEFT's adapter types.
+ADAPTER_NAMES = {"LORA": "LoRA", "IA3": "IA3", "LOHA": "LoHa", "LOKR": "LoKr", "ADALORA": "AdaLoRA"}
+
+
+def adapter_name(peft_type: str) -> str:
+    return ADAPTER_NAMES.get(peft_type, peft_type)
 
 
 def add_stability_section(output_dir: Path) -> None:

@@ -46,12 +46,49 @@ def _perturbed(report: Report, spawn_step: int) -> list[Pair]:
     return report.perturbed(spawn_step)
 
 
-def _children_and_floor(report: Report, key: str) -> tuple[list[int], list[tuple], list[float | None]]:
-    """From the report's summary: spawn steps with perturbed children, their (mean, std) of
-    ``key`` and the control's value (the noise floor, None without a control)."""
-    rows = [row for row in report.summary if row.children]
-    stats = [tuple(float("nan") if v is None else v for v in summary_stat(row.children, key)) for row in rows]
+def _children_and_floor(report: Report, key: str, group: str | None = None,
+                        rows: list[Any] | None = None) -> tuple[list[int], list[tuple], list[float | None]]:
+    """From the report's summary: spawn steps with perturbed children of ``group`` (default:
+    the first perturbation), their (mean, std) of ``key`` and the control's value (the noise
+    floor, None without a control). ``rows``: these summary rows instead."""
+    if rows is None:
+        groups = report.groups()
+        group = group if group is not None else (groups[0] if groups else None)
+        rows = [row for row in report.perturbation_rows() if row.group == group]
+    stats = [_stat(row, key) for row in rows]
     return [row.spawn_step for row in rows], stats, [(row.control or {}).get(key) for row in rows]
+
+
+def _stat(row: Any, key: str) -> tuple[float, float]:
+    return tuple(float("nan") if v is None else v for v in summary_stat(row.children, key))
+
+
+def _reference_bands(ax: Any, report: Report, key: str, steps_axis: bool) -> None:
+    """The reference children's figures: another init seed as a band (mean ± std, spawn step 0)
+    and another data order as a dashed line (by spawn step; on a size axis, one line per step)."""
+    seeds = report.reference_rows("init_seed")
+    if seeds:
+        mean, std = _stat(seeds[0], key)
+        if math.isfinite(mean):
+            ax.axhspan(mean - std, mean + std, color="tab:blue", alpha=0.15)
+            ax.axhline(mean, color="tab:blue", lw=1, label="another init seed (mean ± std)")
+    orders = report.reference_rows("data_order")
+    if orders and steps_axis:
+        steps, stats, _ = _children_and_floor(report, key, rows=orders)
+        ax.errorbar(steps, [m for m, _ in stats], yerr=[s for _, s in stats], color="tab:green", ls="--",
+                    marker="s", capsize=3, label="another data order (mean ± std)")
+    elif orders:
+        colors = _step_colors(report)
+        for row in orders:
+            mean, _ = _stat(row, key)
+            if math.isfinite(mean):
+                ax.axhline(mean, color=colors[row.spawn_step], ls=":", lw=1.2)
+        ax.plot([], [], color="0.3", ls=":", label="another data order at that spawn step (dotted)")
+
+
+def _step_colors(report: Report) -> dict[int, Any]:
+    steps = report.run.spawn_steps
+    return dict(zip(steps, _pyplot().cm.viridis([i / max(1, len(steps) - 1) for i in range(len(steps))])))
 
 
 def _scale_small_values(ax: Any, values: list[float], linthresh: float) -> None:
@@ -74,29 +111,109 @@ def _step_axis(ax: Any, steps: list[int]) -> None:
     ax.set_xticklabels([str(s) for s in steps])
 
 
-METRICS = (("loss", "loss barrier (nats)"), ("error", "error barrier (fraction of examples)"))
+METRICS = (("loss", "loss barrier (nats)"), ("error", "error barrier (fraction of judged entries)"))
+
+
+def _no_rule(ax: Any, report: Report, metric: str) -> bool:
+    """For a metric the head has no rule for (the error of a regression head): say so on the axes."""
+    if metric != "error" or report.settings.head.error is not None:
+        return False
+    ax.text(0.5, 0.5, f"no error rule for a {report.settings.head.name} head", ha="center", va="center",
+            transform=ax.transAxes)
+    ax.set_axis_off()
+    return True
 
 
 def plot_barrier_vs_spawn_step(report: Report, path: Path) -> Path:
-    """Eval loss and error barriers of the children (mean ± std) against the spawn step, with
-    the control's barrier (the noise floor) as a band from zero."""
+    """Eval loss and error barriers of the children (mean ± std) against the spawn step, a line
+    per perturbation, with the control's barrier (the noise floor) as a band from zero and the
+    reference children (another init seed, another data order) where the study has them."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    groups = report.groups()
+    reds = plt.cm.autumn([i / max(1, len(groups)) for i in range(len(groups))]) if len(groups) > 1 else ["tab:red"]
     for ax, (metric, label) in zip(axes, METRICS):
-        steps, stats, floors = _children_and_floor(report, f"{metric}_barrier_eval")
-        if any(f is not None for f in floors):
-            floor = [max(f or 0.0, 0.0) for f in floors]
-            ax.fill_between(steps, 0, floor, color="0.6", alpha=0.35, step=None, label="noise floor (control child)")
-            ax.plot(steps, floor, color="0.4", lw=1)
-        ax.errorbar(steps, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=4,
-                    color="tab:red", label="perturbed children (mean ± std)")
+        if _no_rule(ax, report, metric):
+            continue
+        key = f"{metric}_barrier_eval"
+        all_steps = sorted({row.spawn_step for row in report.summary})
+        floors = {row.spawn_step: (row.control or {}).get(key) for row in report.summary}
+        if any(f is not None for f in floors.values()):
+            floor = [max(floors[t] or 0.0, 0.0) for t in all_steps]
+            ax.fill_between(all_steps, 0, floor, color="0.6", alpha=0.35, label="noise floor (control child)")
+            ax.plot(all_steps, floor, color="0.4", lw=1)
+        for color, group in zip(reds, groups):
+            steps, stats, _ = _children_and_floor(report, key, group)
+            name = "perturbed children" if len(groups) == 1 else group
+            ax.errorbar(steps, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=4,
+                        color=color, label=f"{name} (mean ± std)")
+        _reference_bands(ax, report, key, steps_axis=True)
         ax.axhline(0, color="black", lw=0.6)
-        _step_axis(ax, steps)
+        if len(groups) > 1 or report.run.references:  # sizes over decades: a symmetric-log axis
+            linthresh = 1e-4 if metric == "loss" else 1e-3
+            _scale_small_values(ax, [_stat(row, key)[0] for row in report.summary if row.children], linthresh)
+            if ax.get_yscale() == "symlog":
+                ax.set_ylim(bottom=-linthresh)
+        _step_axis(ax, all_steps)
         ax.set_ylabel(f"eval {label}")
         ax.set_title(f"Eval {metric} barrier, parent vs child")
         ax.legend(fontsize=8)
     fig.suptitle("Barrier on the linear path between parent and child, by spawn step")
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_barrier_vs_size(report: Report, path: Path) -> Path | None:
+    """The paper's Figure 1: loss and error barriers (eval and train) against the size of the
+    perturbation (its L2 over the L2 of an initialisation: from one weight to sigma 1), a line
+    per spawn step, with the noise floor and the reference children's bands. None for a study
+    of one perturbation without references (the card's table says it all), or of no known size."""
+    rows = [row for row in report.perturbation_rows() if row.perturbation_size]
+    if not rows or (len(report.groups()) < 2 and not report.run.references):
+        return None
+    plt = _pyplot()
+    splits = ["eval", "train"] if any("loss_barrier_train" in row.children for row in rows) else ["eval"]
+    fig, axes = plt.subplots(len(splits), 2, figsize=(13.5, 4.2 * len(splits)), squeeze=False)
+    colors = _step_colors(report)
+    for i, split in enumerate(splits):
+        for ax, (metric, label) in zip(axes[i], METRICS):
+            if _no_rule(ax, report, metric):
+                continue
+            key = f"{metric}_barrier_{split}"
+            floor = [max((row.control or {}).get(key) or 0.0, 0.0) for row in report.summary if row.control]
+            if floor:
+                ax.axhspan(0, max(floor), color="0.6", alpha=0.35, label="noise floor (largest control barrier)")
+            values = list(floor)
+            for t in report.run.spawn_steps:
+                mine = sorted((row for row in rows if row.spawn_step == t), key=lambda row: row.perturbation_size)
+                for single in (False, True):  # noise as a line, one moved weight as stars
+                    chosen = [row for row in mine if row.group.startswith("single_weight") == single]
+                    if not chosen:
+                        continue
+                    stats = [_stat(row, key) for row in chosen]
+                    values += [m + s for m, s in stats]
+                    ax.errorbar([row.perturbation_size for row in chosen], [m for m, _ in stats],
+                                yerr=[s for _, s in stats], marker="*" if single else "o", ms=11 if single else 6,
+                                ls="none" if single else "-", capsize=3, color=colors[t],
+                                label=None if single else f"t = {t}")
+            if any(row.group.startswith("single_weight") for row in rows):
+                ax.plot([], [], "*", color="0.3", ms=11, ls="none", label="one weight moved (star)")
+            _reference_bands(ax, report, key, steps_axis=False)
+            values += [_stat(row, key)[0] for row in report.summary if row.reference is not None and row.children]
+            ax.axhline(0, color="black", lw=0.6)
+            linthresh = 1e-4 if metric == "loss" else 1e-3
+            _scale_small_values(ax, values, linthresh=linthresh)
+            if ax.get_yscale() == "symlog":  # barriers are >= 0 but for rounding: no room for negative decades
+                ax.set_ylim(bottom=-linthresh)
+            ax.set_xscale("log")
+            ax.set_xlabel("perturbation size: its L2 / the L2 of an initialisation")
+            ax.set_ylabel(f"{split} {label}")
+            ax.set_title(f"{split.capitalize()} {metric} barrier, parent vs child")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.79, 0.5), fontsize=8, title="spawn step",
+               title_fontsize=8)
+    fig.suptitle("Barrier against perturbation size, one line per spawn step (mean ± std over children)")
+    fig.tight_layout(rect=(0, 0, 0.78, 1))
     return _save(fig, path)
 
 
@@ -107,6 +224,8 @@ def plot_metric_along_alpha(report: Report, path: Path) -> Path:
     colors = plt.cm.viridis([i / max(1, len(steps) - 1) for i in range(len(steps))])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, (metric, _) in zip(axes, METRICS):
+        if _no_rule(ax, report, metric):
+            continue
         for color, t in zip(colors, steps):
             pairs = _perturbed(report, t)
             if not pairs:
@@ -150,7 +269,8 @@ def plot_amplification(report: Report, path: Path) -> Path | None:
     """Amplification (final L2 to the parent / L2 of the perturbation itself) of every perturbed
     child against its spawn step, with the mean per step. None when no child changed a weight."""
     plt = _pyplot()
-    points = [(p.spawn_step, p.amplification) for p in report.parent_child() if not p.is_control and p.amplification]
+    points = [(p.spawn_step, p.amplification) for p in report.parent_child()
+              if not p.is_control and p.reference is None and p.amplification]
     if not points:
         return None
     steps = sorted({t for t, _ in points})
@@ -169,7 +289,8 @@ def plot_divergence_normalized(report: Report, path: Path) -> Path | None:
     """Each perturbed child's divergence trajectory divided by the L2 of its perturbation:
     1 at the spawn step, then how training grows or shrinks the difference."""
     plt = _pyplot()
-    curves = [d for d in report.divergence if not d.is_control and d.perturbation_l2 and d.steps]
+    curves = [d for d in report.divergence if not d.is_control and d.perturbation_l2 and d.steps
+              and d.reference is None]
     if not curves:
         return None
     steps = report.run.spawn_steps
@@ -248,6 +369,7 @@ def plot_aligned_vs_unaligned(report: Report, path: Path) -> Path | None:
 
 PLOTS = {
     "barrier_vs_spawn_step.png": plot_barrier_vs_spawn_step,
+    "barrier_vs_size.png": plot_barrier_vs_size,
     "metric_along_alpha.png": plot_metric_along_alpha,
     "divergence.png": plot_divergence,
     "divergence_normalized.png": plot_divergence_normalized,

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import PushError
-from ..run_directory import CARD_NAME, PLOTS_DIR, REPORT_NAME, WEIGHTS_NAME, RunDirectory
+from ..run_directory import CARD_NAME, PLOTS_DIR, REPORT_NAME, WEIGHTS_NAME, RunDirectory, children_of
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _staged_files(run: RunDirectory, include_weights: bool) -> list[tuple[Path, 
                   if (f.is_file() or f.is_symlink()) and f.suffix not in PICKLE_SUFFIXES and f.name != CARD_NAME]
         config = run.load_config()
         for t in config["spawn_steps"]:
-            for k in config["children"]:
+            for k in children_of(config, t):
                 weights = run.child_final(t, k) / WEIGHTS_NAME
                 if weights.exists() or weights.is_symlink():
                     files.append((weights, f"{run.child_dir(t, k).relative_to(run.root).as_posix()}/{WEIGHTS_NAME}"))

@@ -50,16 +50,19 @@ def summary_table(report: Report, markdown: bool = False) -> str:
     figures = [(title, key) for title, key in SUMMARY_FIGURES if aligned or not key.startswith("aligned_")]
     columns = [Column("spawn step"), Column("who", left=True)] + [Column(title) for title, _ in figures]
     columns.append(Column("at the floor"))
-    separated = {f.spawn_step: f.separated for f in spawn_findings(report)}
-    rows = []
+    separated = {(f.spawn_step, f.group): f.separated for f in spawn_findings(report)}
+    several = len(report.groups()) > 1
+    rows, floors_shown = [], set()
     for row in report.summary:
-        if row.control:
+        if row.control and row.spawn_step not in floors_shown:  # one control per spawn step
+            floors_shown.add(row.spawn_step)
             rows.append([str(row.spawn_step), "control (noise floor)"]
                         + [format_value(row.control.get(key)) for _, key in figures] + [""])
         if row.children:
-            verdict = "another basin" if separated.get(row.spawn_step) else "same basin"
+            verdict = "another basin" if separated.get((row.spawn_step, row.group)) else "same basin"
             floor = row.indistinguishable_from_floor
-            rows.append([str(row.spawn_step), f"children ({verdict})"]
+            who = row.group if row.reference is not None or several else "children"
+            rows.append([str(row.spawn_step), f"{who} ({verdict})"]
                         + [format_value(row.children.get(key)) for _, key in figures]
                         + [f"{floor} of {row.num_children}" if floor is not None else ""])
     return render_table(columns, rows, markdown)

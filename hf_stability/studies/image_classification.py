@@ -25,7 +25,6 @@ from transformers import (
     ViTForImageClassification,
     default_data_collator,
 )
-from transformers import set_seed as hf_set_seed
 
 from ..data import load_fashion_mnist
 from ..data.hub import load_named, load_named_dataset
@@ -115,7 +114,10 @@ def load_image_splits(args: ImageDataArguments) -> DatasetDict:
     Fashion-MNIST's mean and std, shape [1, H, W]) and ``labels`` (0..n-1 in the order of
     ``args.classes``), as torch tensors."""
     if args.dataset == "fashion_mnist":
-        splits = load_fashion_mnist(classes=list(args.classes))
+        # (the first examples of the kept classes, as selected below: decoding the rest would only cost time)
+        limited = None if None in (args.max_train_samples, args.max_eval_samples) else max(
+            args.max_train_samples, args.max_eval_samples)
+        splits = load_fashion_mnist(classes=list(args.classes), max_per_split=limited)
     else:
         splits = load_named_dataset(args.dataset, ("fashion_mnist",))
     limits = {"train": args.max_train_samples, args.eval_split: args.max_eval_samples}
@@ -128,8 +130,8 @@ def load_image_splits(args: ImageDataArguments) -> DatasetDict:
         missing = {args.image_column, args.label_column} - set(data.column_names)
         if missing:
             raise StudyArgumentsError(
-                f"Dataset {args.dataset!r} split {split!r} lacks columns {sorted(missing)}; pass --image_column / "
-                f"--label_column (columns: {data.column_names})."
+                f"Dataset {args.dataset!r} split {split!r} lacks columns {sorted(missing)}; name them with "
+                f"image_column / label_column (--image_column / --label_column; columns: {data.column_names})."
             )
         data = data.filter(lambda row: row[args.label_column] in remap)
         if limit is not None:
@@ -179,7 +181,8 @@ def build_image_classification_trainer(
     stability: StabilityArguments,
     training: TrainingArguments,
 ) -> StabilityTrainer:
-    """Encode the images and return a StabilityTrainer whose model_init is seeded by ``training.seed``."""
+    """Encode the images and return a StabilityTrainer whose model_init the Trainer seeds with
+    ``training.seed``."""
     splits = load_image_splits(data_args)
     num_labels = len(data_args.classes)
     # the report card's metadata names Hub ids only, never local folders
@@ -192,7 +195,7 @@ def build_image_classification_trainer(
             stability = replace(stability, dataset_name=hub_name)
 
     def model_init() -> PreTrainedModel:
-        hf_set_seed(training.seed)
+        # seeded by the Trainer (training.seed), or under another seed for an init-seed child
         return build_image_model(model_args, num_labels)
 
     return StabilityTrainer(

@@ -1,7 +1,8 @@
 """Text classification study: a BERT-family model fine-tuned on a labelled text dataset.
 
-``build_text_classification_trainer(model_args, data_args, stability_args, training_args)``
-takes its four argument dataclasses separately, as run_glue does; the CLI's ``train`` command
+``build_text_classification_trainer(model_args, data_args, stability_args, training_args, adapter_args)``
+takes its argument dataclasses separately, as run_glue does (``adapter_args``: an optional PEFT
+adapter, studies/adapters.py); the CLI's ``train`` command
 and recipes/butterfly_text_classification.py parse them with one HfArgumentParser.
 """
 
@@ -12,13 +13,13 @@ from pathlib import Path
 
 from datasets import DatasetDict
 from transformers import AutoConfig, AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments
-from transformers import set_seed as hf_set_seed
 
 from ..data import load_drug_reviews, load_tokenizer, load_tweet_sentiment, resolve_model
 from ..data.hub import load_named, load_named_dataset
 from ..errors import StudyArgumentsError
 from ..metrics import classification_metrics
 from ..training import StabilityArguments, StabilityTrainer
+from .adapters import AdapterArguments
 
 OFFLINE_DATASETS = {"tweets": load_tweet_sentiment, "drug_reviews": load_drug_reviews}
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -84,8 +85,8 @@ def load_text_splits(args: TextDataArguments) -> DatasetDict:
         missing = {args.text_column, args.label_column} - set(splits[split].column_names)
         if missing:
             raise StudyArgumentsError(
-                f"Dataset {args.dataset!r} split {split!r} lacks columns {sorted(missing)}; pass --text_column / "
-                f"--label_column (columns: {splits[split].column_names})."
+                f"Dataset {args.dataset!r} split {split!r} lacks columns {sorted(missing)}; name them with "
+                f"text_column / label_column (--text_column / --label_column; columns: {splits[split].column_names})."
             )
     return splits
 
@@ -95,8 +96,11 @@ def build_text_classification_trainer(
     data_args: TextDataArguments,
     stability: StabilityArguments,
     training: TrainingArguments,
+    adapter: AdapterArguments | None = None,
 ) -> StabilityTrainer:
-    """Tokenise the data and return a StabilityTrainer whose model_init seeds the new classifier head."""
+    """Tokenise the data and return a StabilityTrainer whose model_init seeds the new classifier head
+    (with ``adapter``: and puts a PEFT adapter on the model)."""
+    adapter = adapter or AdapterArguments()
     splits = load_text_splits(data_args)
     train, evaluation = splits["train"], splits[data_args.eval_split]
     if data_args.max_train_samples is not None:
@@ -136,11 +140,14 @@ def build_text_classification_trainer(
         if label_names else {}
 
     def model_init():
-        hf_set_seed(training.seed)  # seeds the fresh classifier head (or, with random_init, every weight)
+        # The Trainer seeds the global RNG (training.seed) before it calls model_init; an init-seed
+        # reference child calls it under another seed, so it must not seed the RNG itself.
         if model_args.random_init:
             config = load_named(AutoConfig, model_path, num_labels=num_labels, **names)
-            return AutoModelForSequenceClassification.from_config(config)
-        return load_named(AutoModelForSequenceClassification, model_path, num_labels=num_labels, **names)
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            model = load_named(AutoModelForSequenceClassification, model_path, num_labels=num_labels, **names)
+        return adapter.wrap(model, "SEQ_CLS")
 
     return StabilityTrainer(
         model_init=model_init,

@@ -9,9 +9,27 @@ from typing import Any
 
 from ..atomic_io import atomic_directory, write_json
 from ..manifest import named_files, write_manifest
-from ..run_directory import RunDirectory
+from ..run_directory import MANIFEST_NAME, RunDirectory
 
 logger = logging.getLogger(__name__)
+
+
+def save_base_model(trainer: Any, run: RunDirectory, run_fingerprint: str) -> None:
+    """For a PEFT model: its base model, saved once in RUN/base_model (every checkpoint and final/
+    of the study holds only an adapter; the analyzer puts each on this base). It costs one copy
+    of the base on disk, and one in memory while it is saved."""
+    import copy
+
+    from ..adapters import is_peft_model
+
+    model = trainer.model
+    if not is_peft_model(model) or run.base_model_dir.is_dir():
+        return
+    base = copy.deepcopy(model).unload()  # the base's own weights: the adapter layers removed, not merged
+    with atomic_directory(run.base_model_dir) as tmp:
+        base.save_pretrained(str(tmp), safe_serialization=True)
+        write_manifest(tmp / MANIFEST_NAME, named_files(tmp, ""), run_fingerprint)
+    del base
 
 
 def save_analysis_data(trainer: Any, run: RunDirectory, run_fingerprint: str) -> None:

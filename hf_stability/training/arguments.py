@@ -7,7 +7,8 @@ from typing import Any
 
 from ..enums import plain
 from ..errors import SpawnStepError, StudyArgumentsError
-from ..perturb import PerturbationConfig, PerturbationKind, ScaleMode
+from ..hints import setting
+from ..perturb import REFERENCE_KINDS, RNG_KINDS, PerturbationConfig, PerturbationKind, ScaleMode
 
 
 @dataclass
@@ -16,7 +17,10 @@ class StabilityArguments:
 
     Child ``k`` of spawn step ``t`` resumes the parent from ``checkpoint-t``, is perturbed
     with seed ``(perturbation_seed, t, k)`` and trains to the parent's last step. Child 0 is
-    the unperturbed control when ``control_child`` is on.
+    the unperturbed control when ``control_child`` is on; then come ``num_children`` children
+    per perturbation scale (``perturbation_scales``), per single-weight size
+    (``single_weight_scales``), and the reference children: ``reference_children`` with another
+    init seed (spawn step 0 only) and as many with another data order (every spawn step).
     """
 
     spawn_steps: list[int] = field(
@@ -34,6 +38,22 @@ class StabilityArguments:
     )
     perturbation_scale: float = field(
         default=0.01, metadata={"help": "sigma: noise = sigma * s_p * eps_p for each parameter tensor p."}
+    )
+    perturbation_scales: list[float] | None = field(
+        default=None,
+        metadata={"help": "Several sigmas in one study (replaces perturbation_scale): num_children children per "
+                  "scale, all spawned from the one parent, reported group by group."},
+    )
+    single_weight_scales: list[float] = field(
+        default_factory=list,
+        metadata={"help": "Also num_children children per size that each move ONE weight by exactly size * s_p "
+                  "(the size in units of the init scale, random sign)."},
+    )
+    reference_children: int = field(
+        default=0,
+        metadata={"help": "Reference children per kind: this many with another init seed (same data order; at "
+                  "spawn step 0, needs model_init) and this many with another data order (at every spawn step), "
+                  "the 'as far as two seeds' and 'as far as SGD noise' bands of the report."},
     )
     perturbation_scale_mode: ScaleMode = field(
         default=ScaleMode.INIT,
@@ -54,6 +74,11 @@ class StabilityArguments:
     )
     perturbation_exclude: list[str] = field(
         default_factory=list, metadata={"help": "Regular expressions: never perturb parameters whose name matches."}
+    )
+    perturbation_trainable_only: bool = field(
+        default=True,
+        metadata={"help": "Perturb only parameters that train (with PEFT: the adapters); frozen weights perturbed "
+                  "would never train again."},
     )
     perturbation_seed: int = field(default=0, metadata={"help": "Seed of the perturbation generators."})
     perturbation_batch_size: int = field(
@@ -103,7 +128,8 @@ class StabilityArguments:
             self.spawn_steps = [self.spawn_steps]
         steps = [int(s) for s in self.spawn_steps]
         if not steps:
-            raise SpawnStepError("spawn_steps is empty: give at least one step, for example --spawn_steps 0 100.")
+            raise SpawnStepError(f"spawn_steps is empty: give at least one step, for example "
+                                 f"{setting('spawn_steps', [0, 100], '--spawn_steps 0 100')}.")
         if any(s < 0 for s in steps):
             raise SpawnStepError(f"spawn_steps must be >= 0, got {steps}.")
         self.spawn_steps = sorted(set(steps))
@@ -111,57 +137,119 @@ class StabilityArguments:
             raise StudyArgumentsError(f"num_children must be >= 0, got {self.num_children}.")
         if self.parallel_children < 1:
             raise StudyArgumentsError(f"parallel_children must be >= 1, got {self.parallel_children}.")
-        if self.num_children == 0 and not self.control_child:
-            raise StudyArgumentsError("No child to train: set num_children >= 1 or control_child=True.")
+        if self.num_children == 0 and not self.control_child and self.reference_children == 0:
+            raise StudyArgumentsError("No child to train: set num_children >= 1, control_child=True or "
+                                      "reference_children >= 1.")
         if self.divergence_every < 0:
             raise StudyArgumentsError(f"divergence_every must be >= 0, got {self.divergence_every}.")
+        if self.reference_children < 0:
+            raise StudyArgumentsError(f"reference_children must be >= 0, got {self.reference_children}.")
+        for name in ("perturbation_scales", "single_weight_scales"):
+            values = getattr(self, name)
+            if values is not None and len(set(values)) != len(values):
+                raise StudyArgumentsError(f"{name} must be distinct, got {values}.")
+        if self.perturbation_scales is not None and not self.perturbation_scales:
+            raise StudyArgumentsError("perturbation_scales is empty: give at least one scale, or leave it unset to "
+                                      f"use perturbation_scale ({self.perturbation_scale}).")
         # validates kind, scale, patterns... and converts the choices given as strings
         config = self.perturbation_config()
         self.perturbation_kind, self.perturbation_scale_mode = config.kind, config.scale_mode
+        for k in self.child_indices():
+            self.config_for_child(k)  # every child's perturbation is valid (each scale, each size)
+        starts_at_init = [k for k in self.child_indices() if self._layout()[k][1]]
+        if starts_at_init and 0 not in self.spawn_steps:
+            raise SpawnStepError(
+                "Another initialisation (perturbation_kind=init_seed or reference_children) is a child of spawn "
+                f"step 0, and spawn_steps {self.spawn_steps} lacks it: add 0 "
+                f"({setting('spawn_steps', [0, *self.spawn_steps], '--spawn_steps 0 ...')}).")
 
-    def perturbation_config(self) -> PerturbationConfig:
-        """The perturbation every non-control child receives (the seed is mixed with step and child)."""
+    def perturbation_config(self, scale: float | None = None,
+                            kind: PerturbationKind | None = None) -> PerturbationConfig:
+        """The perturbation of the perturbed children (the seed is mixed with step and child), at
+        ``scale`` (default perturbation_scale) and of ``kind`` (default perturbation_kind)."""
+        # the single-weight groups beside another kind's children leave out that kind's sparsity
+        single = kind == PerturbationKind.SINGLE_WEIGHT and self.perturbation_kind != kind
+        kind = PerturbationKind(kind if kind is not None else self.perturbation_kind)
         return PerturbationConfig(
-            kind=self.perturbation_kind,
-            scale=self.perturbation_scale,
+            kind=kind,
+            scale=self.perturbation_scale if scale is None else scale,
             scale_mode=self.perturbation_scale_mode,
-            normalize=self.perturbation_normalize,
-            fraction=self.perturbation_fraction,
-            num_entries=self.perturbation_num_entries,
+            normalize=self.perturbation_normalize and not single,
+            fraction=None if single else self.perturbation_fraction,
+            num_entries=None if single else self.perturbation_num_entries,
             include=list(self.perturbation_include),
             exclude=list(self.perturbation_exclude),
             seed=self.perturbation_seed,
             batch_size=self.perturbation_batch_size,
+            trainable_only=self.perturbation_trainable_only,
         )
 
-    def child_indices(self) -> list[int]:
-        """Child indices per spawn step: 0 is the control when enabled, perturbed ones follow."""
-        first = 0 if self.control_child else 1
-        return list(range(first, self.num_children + 1))
+    def _layout(self) -> dict[int, tuple[PerturbationConfig, bool]]:
+        """Child index -> (its perturbation, whether it exists at spawn step 0 only)."""
+        layout: dict[int, tuple[PerturbationConfig, bool]] = {}
+        if self.control_child:
+            layout[0] = (PerturbationConfig(kind=PerturbationKind.NONE, scale=0.0, seed=self.perturbation_seed),
+                         False)
+        groups = [self.perturbation_config(scale) for scale in (self.perturbation_scales or [self.perturbation_scale])]
+        groups += [self.perturbation_config(size, PerturbationKind.SINGLE_WEIGHT) for size in self.single_weight_scales]
+        k = 1
+        for config in groups:
+            for _ in range(self.num_children):
+                layout[k] = (config, config.kind == PerturbationKind.INIT_SEED)
+                k += 1
+        for kind in REFERENCE_KINDS:
+            for _ in range(self.reference_children):
+                layout[k] = (self.perturbation_config(0.0, kind), kind == PerturbationKind.INIT_SEED)
+                k += 1
+        return layout
 
-    def child_groups(self) -> list[list[int]]:
-        """The children of a spawn step in the groups that train together (``parallel_children`` at a
-        time, in index order; groups of one train alone)."""
-        children, width = self.child_indices(), self.parallel_children
-        return [children[i : i + width] for i in range(0, len(children), width)]
+    def references(self) -> dict[int, str]:
+        """The reference children (index -> init_seed | data_order): the last 2 x reference_children."""
+        layout = self._layout()
+        chosen = list(layout)[len(layout) - 2 * self.reference_children:] if self.reference_children else []
+        return {k: layout[k][0].kind.value for k in chosen}
+
+    def child_indices(self) -> list[int]:
+        """Every child index of the study: 0 is the control when enabled, perturbed ones follow
+        (a spawn step's own: ``children_at``)."""
+        return list(self._layout())
+
+    def children_at(self, t: int) -> list[int]:
+        """The children of spawn step ``t`` (another initialisation is a child of step 0 only)."""
+        return [k for k, (_, at_init) in self._layout().items() if t == 0 or not at_init]
+
+    def child_groups(self, t: int) -> list[list[int]]:
+        """The children of spawn step ``t`` in the groups that train together (``parallel_children``
+        at a time, in index order; groups of one train alone). A child with its own data order or
+        dropout stream always trains alone (a stacked model sees one), and so does the control of a
+        deterministic study (bitwise its parent; a stacked child is within rounding of itself alone)."""
+        layout, width = self._layout(), self.parallel_children
+        # with deterministic kernels the control trains alone too, so that it stays bitwise its parent
+        apart = [k for k in self.children_at(t)
+                 if layout[k][0].kind in RNG_KINDS or (k == 0 and self.control_child and self.deterministic
+                                                       and width > 1)]
+        stackable = [k for k in self.children_at(t) if k not in apart]
+        alone = [[k] for k in apart]
+        return [stackable[i : i + width] for i in range(0, len(stackable), width)] + alone
 
     def config_for_child(self, child: int) -> PerturbationConfig:
-        if child == 0:
-            return PerturbationConfig(kind=PerturbationKind.NONE, scale=0.0, seed=self.perturbation_seed)
-        return self.perturbation_config()
+        return self._layout()[child][0]
 
     def to_dict(self) -> dict[str, Any]:
         return plain(asdict(self))
 
     def plan(self) -> dict[str, Any]:
         """What the run directory's stability_config.json says of the study's layout: the spawn
-        steps, the child indices and each child's perturbation (``t<t>`` -> ``c<k>`` -> config)."""
-        children = self.child_indices()
+        steps, every child index, each step's children and each child's perturbation (``t<t>`` ->
+        ``c<k>`` -> config)."""
         return {
             "spawn_steps": list(self.spawn_steps),
-            "children": children,
+            "children": self.child_indices(),
+            "children_at": {f"t{t}": self.children_at(t) for t in self.spawn_steps},
+            "references": {f"c{k}": kind for k, kind in self.references().items()},
             "perturbations": {
-                f"t{t}": {f"c{k}": self.config_for_child(k).to_dict() for k in children} for t in self.spawn_steps
+                f"t{t}": {f"c{k}": self.config_for_child(k).to_dict() for k in self.children_at(t)}
+                for t in self.spawn_steps
             },
         }
 

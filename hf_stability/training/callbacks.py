@@ -27,7 +27,7 @@ from transformers.trainer_callback import ExportableState
 from ..atomic_io import save_tensors
 from ..errors import ChildDivergedError, PerturbationConfigError, SpawnStepError
 from ..perturb import PerturbationConfig, PerturbationKind, PerturbationRecord, make_generator, perturb_model
-from .divergence import DivergenceLog, l2_to_file, named_floating_parameters, squared_distance_to_file
+from .divergence import DivergenceLog, compared_parameters, l2_to_file, squared_distance_to_file
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +72,10 @@ class PerturbationCallback(TrainerCallback, ExportableState):
     Weight kinds (``gaussian``, ``batch``) change the weights just before optimizer step
     ``at_step + 1``; ``dropout`` reseeds torch's RNG there; ``data_order`` gives the data
     sampler another seed and must start where training starts or resumes (resume from
-    ``checkpoint-<at_step>``). Every rank draws the identical perturbation. The record is
-    kept in ``self.record`` and, when ``record_path`` is given, written there by the main
-    process.
+    ``checkpoint-<at_step>``); ``init_seed`` (at step 0 only) replaces the weights with those
+    ``model_init`` (the Trainer's) builds under another seed. Every rank draws the identical
+    perturbation. The record is kept in ``self.record`` and, when ``record_path`` is given,
+    written there by the main process.
 
     Example::
 
@@ -88,10 +89,14 @@ class PerturbationCallback(TrainerCallback, ExportableState):
         at_step: int,
         child: int = 0,
         record_path: str | Path | None = None,
+        model_init: Callable[[], nn.Module] | None = None,
     ):
         self.config = config if isinstance(config, PerturbationConfig) else PerturbationConfig.from_dict(config)
         if int(at_step) < 0:
             raise SpawnStepError(f"at_step must be >= 0, got {at_step}.")
+        if self.config.kind == PerturbationKind.INIT_SEED and int(at_step) != 0:
+            raise SpawnStepError(f"kind='init_seed' is another initialisation: it happens at step 0, not {at_step}.")
+        self.model_init = model_init
         self.at_step = int(at_step)
         self.child = int(child)
         self.record_path = str(record_path) if record_path is not None else None
@@ -161,7 +166,8 @@ class PerturbationCallback(TrainerCallback, ExportableState):
         batch = None
         if self.config.kind == PerturbationKind.BATCH and self.config.changes_weights:
             batch = independent_batch(dataloader, self.config, self.at_step, self.child)
-        record = perturb_model(model, self.config, step=self.at_step, child=self.child, batch=batch)
+        record = perturb_model(model, self.config, step=self.at_step, child=self.child, batch=batch,
+                               model_init=self.model_init)
         self.record_data = record.to_dict()
         self.applied = True
         logger.info(
@@ -185,8 +191,10 @@ class ParentTrajectoryCallback(TrainerCallback):
     checkpoint never exists without the snapshots of the steps before it.
     """
 
-    def __init__(self, steps: Iterable[int], path_for: Callable[[int], Path], max_buffer_bytes: int = 2 << 30):
+    def __init__(self, steps: Iterable[int], path_for: Callable[[int], Path], max_buffer_bytes: int = 2 << 30,
+                 trainable_only: bool = True):
         self.steps = set(int(s) for s in steps)
+        self.trainable_only = trainable_only
         self.path_for = path_for
         self.max_buffer_bytes = max_buffer_bytes
         self._buffer: dict[int, dict[str, torch.Tensor]] = {}
@@ -200,7 +208,7 @@ class ParentTrajectoryCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         if state.global_step in self.steps:
-            params = named_floating_parameters(kwargs["model"])
+            params = compared_parameters(kwargs["model"], self.trainable_only)
             self._buffer[state.global_step] = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
         held = sum(t.numel() * t.element_size() for snap in self._buffer.values() for t in snap.values())
         if control.should_save or held > self.max_buffer_bytes:
@@ -246,6 +254,7 @@ class DivergenceCallback(TrainerCallback):
         path_for: Callable[[int], Path],
         output_file: str | Path,
         logs: dict[str, float] | None = None,
+        trainable_only: bool = True,
     ):
         self.spawn_step = int(spawn_step)
         self.steps = set(int(s) for s in steps)
@@ -253,9 +262,10 @@ class DivergenceCallback(TrainerCallback):
         self.output_file = Path(output_file)
         self.log = DivergenceLog(self.output_file, self.spawn_step)
         self.logs = logs if logs is not None else {}  # the trainer's divergence_logs
+        self.trainable_only = trainable_only
 
     def _record(self, state: TrainerState, model: nn.Module) -> float:
-        l2 = l2_to_file(model, self.path_for(state.global_step))
+        l2 = l2_to_file(model, self.path_for(state.global_step), self.trainable_only)
         if state.is_world_process_zero:
             self.log.append(state.global_step, l2)
         if not math.isfinite(l2):
@@ -310,8 +320,8 @@ class StackedDivergenceCallback(DivergenceCallback):
         self.child_logs = {child: DivergenceLog(path, self.spawn_step) for child, path in output_files.items()}
 
     def _record(self, state: TrainerState, model: nn.Module) -> list[float]:
-        params = {n: p for n, p in model.template.named_parameters() if p.is_floating_point()}
-        values = squared_distance_to_file(params, self.path_for(state.global_step), stacked=True).sqrt().tolist()
+        values = squared_distance_to_file(model.stacked_parameters(), self.path_for(state.global_step),
+                                          stacked=True).sqrt().tolist()
         for child, l2 in zip(self.children, values):
             if child in self.diverged:
                 continue

@@ -18,9 +18,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ..adapters import is_peft_model
 from ..atomic_io import disk_full_error
 from ..errors import HfStabilityError, RunDirectoryError
-from ..run_directory import WEIGHTS_NAME
+from ..hints import setting
+from ..run_directory import ADAPTER_WEIGHTS_NAME, WEIGHTS_NAME
 
 
 def needs_name_conversion(model: nn.Module, checkpoint: Path) -> bool:
@@ -33,12 +35,35 @@ def needs_name_conversion(model: nn.Module, checkpoint: Path) -> bool:
 
 
 def checkpoint_state_dict(model: nn.Module, checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The weights of a Trainer checkpoint under the names ``model`` uses now."""
+    """The weights of a Trainer checkpoint under the names ``model`` uses now (a PEFT model's
+    checkpoint: its adapter, under PEFT's saved names; see ``load_checkpoint_weights``)."""
     from safetensors.torch import load_file
 
+    if is_peft_model(model):
+        return load_file(str(checkpoint / ADAPTER_WEIGHTS_NAME))
     if not needs_name_conversion(model, checkpoint):
         return load_file(str(checkpoint / WEIGHTS_NAME))
     return converted_state_dict(model, checkpoint)
+
+
+def load_checkpoint_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Put weights read by ``checkpoint_state_dict`` into ``model`` (a PEFT model: into its adapter).
+
+    Raises:
+        RunDirectoryError: the checkpoint's adapter is not this model's.
+    """
+    if not is_peft_model(model):
+        model.load_state_dict(weights, strict=False)  # tied weights are saved once
+        return
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, weights)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise RunDirectoryError(
+            f"The adapter checkpoint holds tensors this PEFT model does not have ({unexpected[:3]}): it was written "
+            f"with another adapter configuration. Run the study again with {setting('overwrite_run')}."
+        )
 
 
 def converted_state_dict(model: nn.Module, checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -54,14 +79,16 @@ def converted_state_dict(model: nn.Module, checkpoint: Path) -> dict[str, torch.
     if not isinstance(model, PreTrainedModel):
         raise RunDirectoryError(
             f"The weights in {checkpoint} have names the {type(model).__name__} does not have: the checkpoint was "
-            "written by another architecture or library version. Re-run with --overwrite_run.", path=checkpoint,
+            f"written by another architecture or library version. Run the study again with {setting('overwrite_run')}.",
+            path=checkpoint,
         )
     with preserve_global_rng():  # building the model must not move the RNG a resumed run restores
         state = type(model).from_pretrained(str(checkpoint), use_safetensors=True).state_dict()
     if set(state) != set(model.state_dict()):
         raise RunDirectoryError(
             f"The weights in {checkpoint} do not match the {type(model).__name__} even after from_pretrained's name "
-            "mapping: the checkpoint was written by another architecture. Re-run with --overwrite_run.",
+            "mapping: the checkpoint was written by another architecture. Run the study again with "
+            f"{setting('overwrite_run')}.",
             path=checkpoint,
         )
     return state
@@ -82,5 +109,5 @@ def checkpoint_file_errors(checkpoint: str | None) -> Iterator[None]:
             f"A file of the checkpoint {checkpoint} cannot be read ({type(err).__name__}: {str(err)[:200]}): it is "
             "damaged. Delete that checkpoint folder if it is a child's own (the child then restarts from its spawn "
             "checkpoint); a damaged spawn checkpoint must be restored from a copy of the run, or the parent trained "
-            "again with --overwrite_run.", path=checkpoint,
+            f"again with {setting('overwrite_run')}.", path=checkpoint,
         ) from None

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..atomic_io import write_jsonl
 from ..errors import RunDirectoryError
+from ..hints import setting
 from ..run_files import read_divergence
 
 logger = logging.getLogger(__name__)
@@ -35,15 +36,19 @@ def divergence_steps(spawn_step: int, max_steps: int, every: int) -> list[int]:
     return sorted(s for s in steps if s > spawn_step)
 
 
-def named_floating_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p for name, p in model.named_parameters() if p.is_floating_point()}
+def compared_parameters(model: nn.Module, trainable_only: bool = True) -> dict[str, torch.Tensor]:
+    """The floating parameters in which a child can differ from its parent: those that train
+    (``trainable_only``, the default of perturbations: a frozen weight, a PEFT model's base, stays
+    the parent's), or all of them."""
+    return {name: p for name, p in model.named_parameters()
+            if p.is_floating_point() and (p.requires_grad or not trainable_only)}
 
 
-def l2_to_file(model: nn.Module, path: str | Path) -> float:
-    """L2 distance between the model's floating parameters and those saved in ``path``,
+def l2_to_file(model: nn.Module, path: str | Path, trainable_only: bool = True) -> float:
+    """L2 distance between the model's compared parameters and those saved in ``path``,
     accumulated in float64 on the parameters' device (one transfer of the result, not of the
     weights)."""
-    return math.sqrt(float(squared_distance_to_file(named_floating_parameters(model), path)))
+    return math.sqrt(float(squared_distance_to_file(compared_parameters(model, trainable_only), path)))
 
 
 def squared_distance_to_file(params: dict[str, torch.Tensor], path: str | Path, stacked: bool = False) -> torch.Tensor:
@@ -54,7 +59,7 @@ def squared_distance_to_file(params: dict[str, torch.Tensor], path: str | Path, 
         raise RunDirectoryError(
             f"The parent's weights at this step ({path}) are gone: a finished study keeps only those of its spawn "
             "steps and its last step (all of them with keep_parent_trajectory=True). Restore the file from a copy of "
-            "the run, or re-run with --overwrite_run.", path=path,
+            f"the run, or run the study again with {setting('overwrite_run')}.", path=path,
         )
     total: torch.Tensor | None = None
     with torch.no_grad(), safe_open(str(path), framework="pt", device="cpu") as f:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters import is_peft_model
 from ..errors import NoMatchingParametersError, SpawnStepError, StudySetupError
 from ..perturb import WEIGHT_KINDS, ScaleMode, init_scales, select_parameters
 from ..perturb.rng import preserve_global_rng
@@ -19,12 +20,6 @@ logger = logging.getLogger(__name__)
 #: The Trainer methods StabilityMixin overrides; a transformers without one cannot run a study.
 REQUIRED_HOOKS = ("training_step", "_prepare_for_training", "_load_from_checkpoint", "_load_optimizer_and_scheduler",
                   "_load_rng_state", "_save_checkpoint")
-
-
-def is_peft_model(model: nn.Module | None) -> bool:
-    """Whether ``model`` is a PEFT model (an adapter around a base model): checked by class name,
-    so that peft need not be installed."""
-    return any(cls.__name__ == "PeftModel" and cls.__module__.startswith("peft.") for cls in type(model).__mro__)
 
 
 def planned_max_steps(trainer: Any) -> int:
@@ -63,12 +58,19 @@ def check_study(trainer: Any) -> int:
         raise StudySetupError("butterfly() needs a train_dataset.")
     check_model_can_be_analysed(trainer.model)
     if stability.deterministic and stability.parallel_children > 1:
-        logger.warning("deterministic=True with parallel_children=%d: stacked children run batched kernels, so their "
-                       "control ends within rounding of the parent, not bitwise equal to it. Use parallel_children=1 "
-                       "for a zero noise floor.", stability.parallel_children)
+        logger.info("deterministic=True with parallel_children=%d: the control child trains alone (bitwise equal to "
+                    "its parent); the stacked children run batched kernels, within rounding of each trained alone "
+                    "(docs/parallel_children.md).", stability.parallel_children)
     if stability.parallel_children > 1:
         check_parallel_children(trainer)
     check_perturbation(trainer.model, stability)
+    initialisations = [k for k in stability.child_indices() if stability.config_for_child(k).kind == "init_seed"]
+    if initialisations and trainer.model_init is None:
+        raise StudySetupError(
+            f"Children {initialisations} start from another initialisation (perturbation_kind=init_seed or "
+            "reference_children), which model_init builds under another seed: build the Trainer with "
+            "model_init=<a function returning a fresh model> instead of model=..."
+        )
     check_training_batch(trainer)
     max_steps = planned_max_steps(trainer)
     late = [t for t in stability.spawn_steps if t >= max_steps]
@@ -86,13 +88,8 @@ def check_model_can_be_analysed(model: nn.Module) -> None:
     ``hf-stability analyze`` can find in transformers by name."""
     from transformers import PreTrainedModel
 
-    if is_peft_model(model):
-        raise StudySetupError(
-            f"butterfly() cannot train a PEFT model ({type(model).__name__}) yet: its checkpoints hold only the "
-            "adapter (adapter_model.safetensors), which the children and the analyzer do not read. Study the "
-            "merged model (model.merge_and_unload()) with full fine-tuning, or perturb a plain Trainer run of the "
-            "adapter with PerturbationCallback."
-        )
+    if is_peft_model(model):  # its checkpoints hold the adapter; the base is saved once in RUN/base_model
+        model = model.get_base_model()
     if not isinstance(model, PreTrainedModel):
         raise StudySetupError(
             f"butterfly() needs a transformers PreTrainedModel: every final/ is saved with save_pretrained and "
@@ -113,10 +110,24 @@ def check_model_can_be_analysed(model: nn.Module) -> None:
 def check_perturbation(model: nn.Module, stability: Any) -> None:
     """The perturbation selects parameters (each pattern matches), their init scales are known,
     and ``num_entries`` does not exceed the entries selected."""
-    config = stability.perturbation_config()
-    if config.kind not in WEIGHT_KINDS:
-        return
-    selected = select_parameters(model, config.include, config.exclude)
+    configs = {}
+    for k in stability.child_indices():
+        config = stability.config_for_child(k)
+        configs.setdefault(config.group, config)
+    for config in configs.values():
+        if config.kind in WEIGHT_KINDS:
+            _check_weight_perturbation(model, config)
+
+
+def _check_weight_perturbation(model: nn.Module, config: Any) -> None:
+    if is_peft_model(model) and not config.trainable_only:
+        raise StudySetupError(
+            "perturbation_trainable_only=False with a PEFT model: its checkpoints save only the adapter, so a "
+            "perturbed frozen base weight would be lost at the child's first checkpoint. Perturb the adapter "
+            "(perturbation_trainable_only=True, the default), or study full fine-tuning of the merged model "
+            "(model.merge_and_unload())."
+        )
+    selected = select_parameters(model, config.include, config.exclude, config.trainable_only)
     if config.scale_mode == ScaleMode.INIT:
         init_scales(model, list(selected))
     entries = sum(p.numel() for p in selected.values())

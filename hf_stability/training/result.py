@@ -30,7 +30,7 @@ class ButterflyResult:
                    Column("amplification"), Column(metric)]
         rows = [["-", "parent", _fmt(0.0), "", _fmt(self.parent_metrics.get(metric))]]
         for row in self.children:
-            name = f"c{row.child}" + (" (control)" if row.is_control else "")
+            name = f"c{row.child} ({'control' if row.is_control else row.group})"
             if row.status == "diverged":
                 name = f"c{row.child} DIVERGED"
             moved = row.perturbation_l2 is not None and row.final_l2 is not None and row.perturbation_l2 > 0

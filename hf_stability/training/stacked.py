@@ -36,6 +36,7 @@ from transformers import TrainingArguments
 
 from ..atomic_io import write_json
 from ..errors import RunDirectoryError, StudySetupError
+from ..hints import setting
 from ..perturb import PerturbationKind, perturb_model
 from ..run_directory import OPTIMIZER_NAME
 
@@ -52,30 +53,37 @@ ELEMENTWISE_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 class StackedModel(nn.Module):
     """K models of one architecture as one module with stacked parameters (see module docstring)."""
 
-    def __init__(self, models: list[nn.Module]):
+    def __init__(self, models: list[nn.Module], stack_frozen: bool = False):
+        """``stack_frozen``: stack the frozen parameters too (children perturbed in them); by
+        default they stay one tensor that every child shares (a PEFT model's base: once, not K times)."""
         super().__init__()
         if len(models) < 1:
             raise ValueError("StackedModel needs at least one model.")
         self.num_children = len(models)
         self.template = copy.deepcopy(models[0])
-        names = [n for n, _ in self.template.named_parameters()]
+        self.stacked_names = [n for n, p in self.template.named_parameters() if p.requires_grad or stack_frozen]
         with torch.no_grad():
-            for name in names:
+            for name in self.stacked_names:
                 module_name, _, attr = name.rpartition(".")
                 module = self.template.get_submodule(module_name) if module_name else self.template
+                trainable = module.get_parameter(attr).requires_grad
                 stacked = torch.stack([m.get_parameter(name).detach() for m in models])
-                setattr(module, attr, nn.Parameter(stacked.clone(), requires_grad=True))
+                setattr(module, attr, nn.Parameter(stacked.clone(), requires_grad=trainable))
         self.config = getattr(self.template, "config", None)
         self.last_losses: torch.Tensor | None = None
 
+    def stacked_parameters(self) -> dict[str, torch.Tensor]:
+        """The stacked tensors ``[K, *shape]``, by the original names."""
+        return {n: self.template.get_parameter(n) for n in self.stacked_names}
+
     def child_parameters(self, k: int) -> dict[str, torch.Tensor]:
         """Child k's parameters (views into the stacked tensors), by the original names."""
-        return {n: p[k] for n, p in self.template.named_parameters()}
+        return {n: p[k] for n, p in self.stacked_parameters().items()}
 
     def forward(self, **inputs: Any) -> dict[str, torch.Tensor]:
         if self.training and self.template.training and next(self.parameters()).is_cuda:
             use_eager_attention(self.template)
-        params = dict(self.template.named_parameters())
+        params = self.stacked_parameters()  # shared (frozen) parameters are the template's own
         buffers = dict(self.template.named_buffers())
 
         def one_child(child_params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +162,7 @@ def stacked_optimizer_state(path: Path, num_children: int) -> dict[str, Any]:
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise RunDirectoryError(
             f"{path} cannot be read ({type(err).__name__}: {str(err)[:200]}): the spawn checkpoint is damaged. "
-            "Restore it from a copy of the run, or train the parent again with --overwrite_run."
+            f"Restore it from a copy of the run, or train the parent again with {setting('overwrite_run')}."
         ) from None
     for per_param in state["state"].values():
         for key, value in list(per_param.items()):
@@ -167,13 +175,15 @@ def estimate_bytes(model: nn.Module, num_children: int, args: TrainingArguments,
     """A rough peak-memory estimate of K stacked children: weights, gradients and two AdamW
     moments in float32, plus activations of one batch per child (an upper-bound guess of 40
     floats per hidden unit, token and layer; ``seq_len`` None: the model's longest input). On an
-    H100, MiniLM with batch 32 x 128 tokens estimated 15 GiB for K = 8 and used 11.7 GiB."""
-    numel = sum(p.numel() for p in model.parameters())
-    state = numel * 4 * 4
+    H100, MiniLM with batch 32 x 128 tokens estimated 15 GiB for K = 8 and used 11.7 GiB.
+    Frozen parameters (a PEFT model's base) are held once, whatever K."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    state = trainable * 4 * 4
     hidden, layers, tokens_per_example = _activation_shape(model)
     tokens = args.per_device_train_batch_size * (seq_len or tokens_per_example)
     activations = 40 * hidden * tokens * layers * (2 if args.bf16 or args.fp16 else 4)
-    return num_children * (state + activations)
+    return frozen + num_children * (state + activations)
 
 
 def _activation_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -229,9 +239,6 @@ def check_parallel_children(trainer: Any) -> None:
 
     stability, args = trainer.stability_args, trainer.args
     problems = []
-    if stability.perturbation_kind in (PerturbationKind.DATA_ORDER, PerturbationKind.DROPOUT):
-        problems.append(f"perturbation_kind={stability.perturbation_kind.value!r} gives each child its own data order "
-                        "or dropout stream, and a stacked model sees one")
     if args.world_size > 1:
         problems.append("it runs on one device (this run has several processes)")
     if str(getattr(args.optim, "value", args.optim)) not in ELEMENTWISE_OPTIMIZERS:
@@ -276,7 +283,7 @@ def train_stacked_group(
     child in ``pending`` like a child trained alone (the others are already written). A killed
     group restarts from the spawn checkpoint."""
     from .callbacks import ChildLossCallback, StackedDivergenceCallback, independent_batch
-    from .checkpoints import checkpoint_state_dict
+    from .checkpoints import checkpoint_state_dict, load_checkpoint_weights
     from .divergence import divergence_steps
     from .study import RunSettings, call_without_trial, run_scope
 
@@ -299,19 +306,22 @@ def train_stacked_group(
 
     def perturbed_child(k: int) -> nn.Module:
         model = copy.deepcopy(template)
-        model.load_state_dict(weights, strict=False)
-        record = perturb_model(model, configs[k], step=t, child=k, batch=batches.get(k))
+        load_checkpoint_weights(model, weights)
+        record = perturb_model(model, configs[k], step=t, child=k, batch=batches.get(k),
+                               model_init=study.model_init())
         if k in pending:
             write_json(run.perturbation_file(t, k), record.to_dict())
         return model
 
     # Weight noise is drawn from each child's own CPU generator and touches no global RNG, so the
     # children are perturbed in threads (the draws dominate the set-up of a group). A gradient
-    # perturbation runs a forward pass, whose dropout uses the global RNG: one at a time.
-    workers = 1 if batches else min(len(children), os.cpu_count() or 1)
+    # perturbation runs a forward pass, whose dropout uses the global RNG, and an init-seed child
+    # builds a model from the global RNG: one at a time.
+    global_rng = batches or any(config.kind == PerturbationKind.INIT_SEED for config in configs.values())
+    workers = 1 if global_rng else min(len(children), os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         models = list(pool.map(perturbed_child, children))
-    stacked = StackedModel(models)
+    stacked = StackedModel(models, stack_frozen=not stability.perturbation_trainable_only)
     del models
 
     group_dir = run.stacked_group_dir(t, children)

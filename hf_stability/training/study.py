@@ -25,6 +25,7 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from ..atomic_io import disk_full_error, save_tensors, write_json
 from ..errors import ChildDivergedError, HfStabilityError, RunDirectoryError
+from ..hints import setting
 from ..manifest import named_files, verify, write_manifest
 from ..run_directory import (
     DIVERGENCE_NAME,
@@ -38,10 +39,10 @@ from ..run_directory import (
     kept_snapshot_steps,
 )
 from ..run_lock import locked_run_on_main
-from .analysis_data import save_analysis_data
+from .analysis_data import save_analysis_data, save_base_model
 from .callbacks import DivergenceCallback, ParentTrajectoryCallback, PerturbationCallback, SpawnCheckpointCallback
 from .determinism import deterministic_algorithms
-from .divergence import divergence_steps, named_floating_parameters
+from .divergence import compared_parameters, divergence_steps
 from .identity import run_config
 from .preflight import check_study
 from .result import ButterflyResult
@@ -109,6 +110,8 @@ class ButterflyStudy:
         self.max_steps = 0
         self.fingerprint: str | None = None
         self.stacked_numerics = False
+        # what children can differ from the parent in: the trainable parameters (see compared_parameters)
+        self.trainable_only = self.stability.perturbation_trainable_only
         self._checked_spawns: set[int] = set()
 
     # ---- the study, top to bottom ------------------------------------------------------------
@@ -136,6 +139,7 @@ class ButterflyStudy:
                 run.prepare(config, overwrite=self.stability.overwrite_run)
                 run.remove_temporaries()  # we hold the lock: nobody is writing them
                 save_analysis_data(trainer, run, config["fingerprint"])
+                save_base_model(trainer, run, config["fingerprint"])
             except HfStabilityError as err:
                 failure = err
         failure = self.broadcast(failure)  # every rank stops, not only rank 0
@@ -149,7 +153,8 @@ class ButterflyStudy:
         if self.stability.parallel_children > 1 and not self.stacked_numerics and trainer.args.device.type == "cuda":
             logger.warning("This run was created with parallel_children=1: its parent used fused dropout and attention "
                            "kernels, which stacked children cannot use, so their control will not follow the parent "
-                           "closely. Use parallel_children=1 here, or --overwrite_run to train the parent again.")
+                           "closely. Use parallel_children=1 here, or %s to train the parent again.",
+                           setting("overwrite_run"))
         return run
 
     def train_parent(self, run: RunDirectory) -> None:
@@ -170,9 +175,9 @@ class ButterflyStudy:
         if resume is None:
             if run.initial_weights.is_file():
                 if trainer.model_init is None:
-                    _load_parameters(trainer.model, run.initial_weights)
+                    _load_parameters(trainer.model, run.initial_weights, self.trainable_only)
             elif trainer.is_world_process_zero():
-                save_tensors(run.initial_weights, named_floating_parameters(trainer.model))
+                save_tensors(run.initial_weights, compared_parameters(trainer.model, self.trainable_only))
         # a resumed parent must not keep snapshots newer than its checkpoint: they are made again
         if trainer.is_world_process_zero() and run.trajectory_dir.is_dir():
             start = checkpoint_step(resume) if resume is not None else 0
@@ -185,7 +190,8 @@ class ButterflyStudy:
         settings = RunSettings(
             output_dir=run.parent_dir,
             callbacks=[SpawnCheckpointCallback(s for s in stability.spawn_steps if s > 0),
-                       ParentTrajectoryCallback(reference_steps, run.trajectory_file)],
+                       ParentTrajectoryCallback(reference_steps, run.trajectory_file,
+                                                trainable_only=self.trainable_only)],
             stacked_numerics=self.stacked_numerics,
             save_initial_checkpoint=0 in stability.spawn_steps,
             args={"save_total_limit": None},
@@ -200,11 +206,11 @@ class ButterflyStudy:
         were written trains again whole (the same stack, the same bits) and writes only the
         missing ones."""
         stability = self.stability
-        total = len(stability.spawn_steps) * len(stability.child_indices())
+        total = sum(len(stability.children_at(t)) for t in stability.spawn_steps)
         with tqdm(total=total, desc="children", unit="child", disable=not self.trainer.is_world_process_zero(),
                   position=0) as progress:
             for t in stability.spawn_steps:
-                for group in stability.child_groups():
+                for group in stability.child_groups(t):
                     pending = [k for k in group if run.child_status(t, k) == "pending"]
                     progress.update(len(group) - len(pending))
                     if not pending:
@@ -229,11 +235,11 @@ class ButterflyStudy:
             output_dir=directory,
             callbacks=[
                 PerturbationCallback(self.stability.config_for_child(k), at_step=t, child=k,
-                                     record_path=run.perturbation_file(t, k)),
+                                     record_path=run.perturbation_file(t, k), model_init=self.model_init()),
                 DivergenceCallback(
                     spawn_step=t, steps=divergence_steps(t, self.max_steps, self.stability.divergence_every),
                     path_for=lambda step: self.reference_file(run, step), output_file=run.divergence_file(t, k),
-                    logs=trainer.divergence_logs,
+                    logs=trainer.divergence_logs, trainable_only=self.trainable_only,
                 ),
             ],
             child=(t, k),
@@ -319,7 +325,13 @@ class ButterflyStudy:
 
     # ---- the run directory's files a study reads or records ----------------------------------
     def pending(self, run: RunDirectory, t: int) -> list[int]:
-        return [k for k in self.stability.child_indices() if run.child_status(t, k) == "pending"]
+        return [k for k in self.stability.children_at(t) if run.child_status(t, k) == "pending"]
+
+    def model_init(self) -> Callable[[], nn.Module] | None:
+        """The trainer's model_init as a call without arguments (an init-seed child's other
+        initialisation), or None when the trainer was given a model."""
+        model_init = self.trainer.model_init
+        return None if model_init is None else lambda: call_without_trial(model_init)
 
     def reference_file(self, run: RunDirectory, step: int) -> Path:
         """The parent's weights a child is compared with at ``step``."""
@@ -348,8 +360,8 @@ class ButterflyStudy:
         if t in self._checked_spawns:
             return spawn
         remedy = (f"The children of spawn step {t} that are still to train start from it: restore {spawn.name} from a "
-                  "copy of the run, or pass --overwrite_run to train the parent again (this deletes the finished "
-                  "children too).")
+                  f"copy of the run, or set {setting('overwrite_run')} to train the parent again (this deletes the "
+                  "finished children too).")
         failure: HfStabilityError | None = None
         if self.trainer.is_world_process_zero():
             problem = checkpoint_problem(spawn)
@@ -401,12 +413,12 @@ def _disk_full_as_error(target: object) -> Iterator[None]:
         raise full from err
 
 
-def _load_parameters(model: nn.Module, path: Path) -> None:
-    """Load the floating parameters saved in ``path`` into ``model`` (the parent's initial weights)."""
+def _load_parameters(model: nn.Module, path: Path, trainable_only: bool) -> None:
+    """Load the parameters saved in ``path`` into ``model`` (the parent's initial weights)."""
     import torch
     from safetensors import safe_open
 
-    params = named_floating_parameters(model)
+    params = compared_parameters(model, trainable_only)
     with torch.no_grad(), safe_open(str(path), framework="pt", device="cpu") as f:
         for name, p in params.items():
             p.copy_(f.get_tensor(name))

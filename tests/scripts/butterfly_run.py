@@ -1,10 +1,11 @@
 """A small butterfly study of a tiny BERT, analysed and reported, run as its own process by the
 kill-and-resume tests.
 
-usage: butterfly_run.py OUT [--constant] [WHERE STEP]
+usage: butterfly_run.py OUT [--constant] [--lora] [WHERE STEP]
 --constant: a constant learning rate (no warm-up, no decay) and children 0 and 1 of each spawn step
 trained as one stacked group (parallel_children=2), child 2 alone: a step taken after the last one
 would change the weights (with a schedule that ends at 0 it would not).
+--lora: the tiny BERT with a LoRA adapter (peft): every checkpoint and final/ holds the adapter.
 With a kill point, the process SIGKILLs itself:
 - WHERE a run's output_dir suffix ("parent", "children/t0/c1", "children/t0/.stacked-0-1.tmp"), STEP an
   optimizer step: when that run finishes the step; STEP "begin": when that run starts (the previous
@@ -25,7 +26,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from helpers import tiny_bert, training_args, tweets
+from helpers import peft_bert, tiny_bert, training_args, tweets
 from transformers import TrainerCallback
 
 from hf_stability import StabilityArguments, StabilityTrainer
@@ -75,11 +76,11 @@ class PauseAt(TrainerCallback):
             sys.stdin.readline()
 
 
-def build(out, constant=False):
+def build(out, constant=False, lora=False):
     train, test = tweets()
     schedule = dict(lr_scheduler_type="constant", warmup_steps=0) if constant else {}
     return StabilityTrainer(
-        model_init=lambda: tiny_bert(0),
+        model_init=(lambda: peft_bert("lora")) if lora else lambda: tiny_bert(0),
         args=training_args(out, max_steps=12, save_strategy="steps", save_steps=4, **schedule),
         train_dataset=train,
         eval_dataset=test,
@@ -104,10 +105,10 @@ def killing_collator(run_dir, at_batch):
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    constant = "--constant" in args
-    args = [a for a in args if a != "--constant"]
+    constant, lora = "--constant" in args, "--lora" in args
+    args = [a for a in args if a not in ("--constant", "--lora")]
     out, where, step = args[0], *(args[1:3] if len(args) > 2 else (None, None))
-    trainer = build(out, constant)
+    trainer = build(out, constant, lora)
     if where == "disk":
         import resource
 

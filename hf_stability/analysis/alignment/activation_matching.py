@@ -11,7 +11,8 @@ from torch import nn
 
 from ...errors import UnsupportedArchitectureError
 from ..compare import check_same_architecture
-from ..evaluation import EvalData, Evaluator, forward_logits
+from ..evaluation import EvalData, Evaluator
+from ..heads import call
 from .assignment import MatchingResult, assignment_value, solve_group
 from .spec import ActivationRef, PermutationSpec, Slot
 from .specs import permutation_spec
@@ -59,13 +60,8 @@ def _rows(output: Any, ref: ActivationRef, size: int, mask: torch.Tensor | None)
 
 
 def _run(model: nn.Module, inputs: dict[str, Any]) -> None:
-    """One forward pass for the hooks (any transformers head: the outputs are not read)."""
-    from transformers import PreTrainedModel
-
-    if isinstance(model, PreTrainedModel):
-        model(**inputs)
-    else:
-        forward_logits(model, inputs)
+    """One forward pass for the hooks (any head: the outputs are not read)."""
+    call(model, inputs)
 
 
 @torch.inference_mode()

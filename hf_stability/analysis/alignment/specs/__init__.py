@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from ....errors import UnsupportedArchitectureError
+from ....hints import setting
 from ..spec import PermutationSpec
 from . import timm_vit, timm_wrapper, transformers_encoder  # noqa: F401  (they register their families)
 from .builder import SpecBuilder
@@ -23,7 +24,7 @@ def permutation_spec(model: nn.Module) -> PermutationSpec:
     raise UnsupportedArchitectureError(
         f"No permutation spec for {type(model).__name__}"
         + (f" (model_type {model_type!r})" if model_type else "")
-        + f". Supported: {supported_architectures()}. Run the analyzer with --alignment none to skip alignment."
+        + f". Supported: {supported_architectures()}. Analyse with {setting('alignment', 'none')} to skip alignment."
     )
 
 

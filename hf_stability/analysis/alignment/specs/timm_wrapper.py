@@ -7,6 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from ....errors import UnsupportedArchitectureError
+from ....hints import setting
 from ..spec import ActivationRef, AxisRef, PermutationGroup, PermutationSpec, Slot
 from .registry import FAMILIES, register_spec, supported_architectures
 
@@ -42,5 +43,5 @@ def timm_wrapper_spec(model: nn.Module) -> PermutationSpec:
             return prefixed(spec, PREFIX, f"TimmWrapper({spec.architecture})")
     raise UnsupportedArchitectureError(
         f"TimmWrapper around {type(inner).__name__}: no permutation spec for the wrapped timm model. Supported: "
-        f"{supported_architectures()}. Run the analyzer with --alignment none to skip alignment."
+        f"{supported_architectures()}. Analyse with {setting('alignment', 'none')} to skip alignment."
     )
