@@ -40,7 +40,7 @@ def test_demo_runs_end_to_end_and_prints_the_table(tmp_path):
     out = result.stdout
     assert "final L2 to parent" in out and "amplification" in out and "eval_accuracy" in out
     assert re.search(r"^\s+0\s+c0 \(control\)\s+0\s+n/a\s+0\.\d+", out, re.MULTILINE)
-    assert re.search(r"^\s+1\s+c1\s+[0-9.e-]+\s+[0-9.e+-]+x\s+0\.\d+", out, re.MULTILINE)
+    assert re.search(r"^\s+1\s+c1 \(gaussian 0\.01\)\s+[0-9.e-]+\s+[0-9.e+-]+x\s+0\.\d+", out, re.MULTILINE)
     assert f"Run directory: {tmp_path / 'demo'}" in out
     assert "children: 100%" in result.stderr  # tqdm progress
     # it ends with the analysis and the report

@@ -121,15 +121,30 @@ def load_run_data(run: RunDirectory, split: str) -> Any:
 
 
 def run_collator(run: RunDirectory) -> Any:
-    """The collator the study used: padding with the tokenizer it saved (RUN/data/tokenizer, or
-    for runs of earlier versions the parent's final/), or transformers' default."""
-    from transformers import AutoTokenizer, DataCollatorWithPadding, default_data_collator
+    """The collator the study used (RUN/data/collator.json, see ``collator_record``), with the
+    tokenizer it saved (RUN/data/tokenizer, or for runs of earlier versions the parent's final/),
+    or transformers' default."""
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        DataCollatorForSeq2Seq,
+        DataCollatorWithPadding,
+        default_data_collator,
+    )
 
     from ..run_files import read_json
 
     info = run.collator_file
-    kind = read_json(info, run.data_remedy()).get("collator") if info.is_file() else "default"
-    if kind != "padding":
+    record = read_json(info, run.data_remedy()) if info.is_file() else {"collator": "default"}
+    kind, multiple = record.get("collator"), record.get("pad_to_multiple_of")
+    builders = {
+        "padding": lambda tokenizer: DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple),
+        "causal_lm": lambda tokenizer: DataCollatorForLanguageModeling(tokenizer, mlm=False,
+                                                                       pad_to_multiple_of=multiple),
+        "seq2seq": lambda tokenizer: DataCollatorForSeq2Seq(
+            tokenizer, pad_to_multiple_of=multiple, label_pad_token_id=record.get("label_pad_token_id", -100)),
+    }
+    if kind not in builders:
         return default_data_collator
     folder = run.data_tokenizer if run.data_tokenizer.is_dir() else run.parent_final
     problem = None
@@ -138,7 +153,7 @@ def run_collator(run: RunDirectory) -> Any:
         problem = "no tokenizer_config.json or tokenizer.json"
     else:
         try:
-            return DataCollatorWithPadding(AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False))
+            return builders[kind](AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False))
         except (OSError, ValueError) as err:
             problem = str(err).splitlines()[0][:200]
     raise RunDirectoryError(

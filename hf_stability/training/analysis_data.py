@@ -32,10 +32,28 @@ def save_base_model(trainer: Any, run: RunDirectory, run_fingerprint: str) -> No
     del base
 
 
+def collator_record(collator: Any) -> dict[str, Any]:
+    """What the analyzer needs to batch the saved examples as training did: ``padding``
+    (DataCollatorWithPadding), ``causal_lm`` (DataCollatorForLanguageModeling with mlm=False:
+    labels are the input ids, padding labelled -100), ``seq2seq`` (DataCollatorForSeq2Seq: the
+    dataset's own labels, completion-only ones too, padded with -100), else ``default``
+    (transformers' default_data_collator: examples of one length)."""
+    from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, DataCollatorWithPadding
+
+    multiple = getattr(collator, "pad_to_multiple_of", None)
+    if isinstance(collator, DataCollatorWithPadding):
+        return {"collator": "padding", "pad_to_multiple_of": multiple}
+    if isinstance(collator, DataCollatorForLanguageModeling) and not collator.mlm:
+        return {"collator": "causal_lm", "pad_to_multiple_of": multiple}
+    if isinstance(collator, DataCollatorForSeq2Seq) and collator.model is None:
+        return {"collator": "seq2seq", "pad_to_multiple_of": multiple,
+                "label_pad_token_id": collator.label_pad_token_id}
+    return {"collator": "default"}
+
+
 def save_analysis_data(trainer: Any, run: RunDirectory, run_fingerprint: str) -> None:
     """Save what is missing of RUN/data, then (once complete) its manifest of checksums."""
     import datasets
-    from transformers import DataCollatorWithPadding
 
     stability = trainer.stability_args
     wanted = {"train": (trainer.train_dataset, stability.analysis_train_samples),
@@ -54,11 +72,11 @@ def save_analysis_data(trainer: Any, run: RunDirectory, run_fingerprint: str) ->
             subset = datasets.Dataset.from_list([subset[i] for i in range(count)])
         with atomic_directory(target) as tmp:
             subset.save_to_disk(str(tmp))
-    collator = "padding" if isinstance(trainer.data_collator, DataCollatorWithPadding) else "default"
-    if collator == "padding" and not run.data_tokenizer.is_dir():  # what the analyzer pads with
+    collator = collator_record(trainer.data_collator)
+    if collator["collator"] != "default" and not run.data_tokenizer.is_dir():  # what the analyzer pads with
         with atomic_directory(run.data_tokenizer) as tmp:
             trainer.data_collator.tokenizer.save_pretrained(str(tmp))
     if not run.collator_file.is_file():
-        write_json(run.collator_file, {"collator": collator})
+        write_json(run.collator_file, collator)
     if not run.data_manifest.is_file():  # the data is complete: record its checksums
         write_manifest(run.data_manifest, named_files(run.data_dir, ""), run_fingerprint)
