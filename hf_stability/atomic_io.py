@@ -61,6 +61,21 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextmanager
+def disk_full_as_error(target: object) -> Iterator[None]:
+    """A write in the block that fails on a full disk raises a DiskFullError naming ``target``;
+    every other error passes unchanged."""
+    try:
+        yield
+    except HfStabilityError:
+        raise
+    except Exception as err:
+        full = disk_full_error(err, target)
+        if full is None:
+            raise
+        raise full from err
+
+
+@contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
@@ -69,17 +84,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; results are meant to be read by others
-        os.replace(tmp_path, path)
-        _fsync_dir(path.parent)
-    except HfStabilityError:
-        raise
-    except Exception as err:
-        full = disk_full_error(err, path)
-        if full is None:
-            raise
-        raise full from err
+        with disk_full_as_error(path):
+            yield tmp_path
+            os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; results are meant to be read by others
+            os.replace(tmp_path, path)
+            _fsync_dir(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

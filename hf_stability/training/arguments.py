@@ -154,10 +154,8 @@ class StabilityArguments:
         # validates kind, scale, patterns... and converts the choices given as strings
         config = self.perturbation_config()
         self.perturbation_kind, self.perturbation_scale_mode = config.kind, config.scale_mode
-        for k in self.child_indices():
-            self.config_for_child(k)  # every child's perturbation is valid (each scale, each size)
-        starts_at_init = [k for k in self.child_indices() if self._layout()[k][1]]
-        if starts_at_init and 0 not in self.spawn_steps:
+        layout = self._layout()  # builds, and so validates, every child's perturbation (each scale, each size)
+        if any(at_init for _, at_init in layout.values()) and 0 not in self.spawn_steps:
             raise SpawnStepError(
                 "Another initialisation (perturbation_kind=init_seed or reference_children) is a child of spawn "
                 f"step 0, and spawn_steps {self.spawn_steps} lacks it: add 0 "

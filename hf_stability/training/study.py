@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerState
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
-from ..atomic_io import disk_full_error, save_tensors, write_json
+from ..atomic_io import disk_full_as_error, save_tensors, write_json
 from ..errors import ChildDivergedError, HfStabilityError, RunDirectoryError
 from ..hints import setting
 from ..manifest import named_files, verify, write_manifest
@@ -117,7 +117,8 @@ class ButterflyStudy:
     # ---- the study, top to bottom ------------------------------------------------------------
     def run(self) -> ButterflyResult:
         trainer = self.trainer
-        with deterministic_algorithms(self.stability.deterministic), _disk_full_as_error(trainer.args.output_dir):
+        with deterministic_algorithms(self.stability.deterministic), disk_full_as_error(trainer.args.output_dir):
+            # (a full disk in the Trainer's own writes, its checkpoints, becomes a DiskFullError too)
             self.max_steps = check_study(trainer)  # bad input is refused before anything is written
             with locked_run_on_main(trainer.args.output_dir, "butterfly", trainer.accelerator, create=True):
                 run = self.prepare(RunDirectory(trainer.args.output_dir))
@@ -397,20 +398,6 @@ class ButterflyStudy:
         """Rank 0's choice of a checkpoint, shared with every rank."""
         shared = self.broadcast(str(path) if path is not None else None)
         return Path(shared) if shared is not None else None
-
-
-@contextlib.contextmanager
-def _disk_full_as_error(target: object) -> Iterator[None]:
-    """A full disk in the Trainer's own writes (checkpoints) too becomes a DiskFullError."""
-    try:
-        yield
-    except HfStabilityError:
-        raise
-    except Exception as err:
-        full = disk_full_error(err, target)
-        if full is None:
-            raise
-        raise full from err
 
 
 def _load_parameters(model: nn.Module, path: Path, trainable_only: bool) -> None:
