@@ -200,17 +200,11 @@ def test_weight_matching_improves_the_objective_and_is_seedable():
 
 
 def test_unsupported_architectures_are_refused_listing_the_supported_ones():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    with pytest.raises(UnsupportedArchitectureError, match="Supported: .*transformers encoders of BERT layout"):
-        permutation_spec(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)))
-    with pytest.raises(UnsupportedArchitectureError, match="No permutation spec for Sequential"):
+    with pytest.raises(UnsupportedArchitectureError, match="No permutation spec for Sequential.*Supported: .*"
+                                                           "transformers models built from common parts: BERT"):
         permutation_spec(torch.nn.Sequential(torch.nn.Linear(2, 2)))
-    from transformers import BertForMaskedLM
-
-    with pytest.raises(UnsupportedArchitectureError, match=r"Parameter 'cls\.predictions.* not covered"):
-        permutation_spec(BertForMaskedLM(tiny_bert(0).config))
-    assert "timm VisionTransformer" in supported_architectures()
+    assert "timm VisionTransformer" in supported_architectures() and "Swin" in supported_architectures()
+    # (more refusals, of variants of supported families: tests/test_alignment_families.py)
 
 
 def test_mismatched_configs_and_missing_tensors_are_named():

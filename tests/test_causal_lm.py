@@ -129,8 +129,12 @@ def test_a_causal_lm_study_trains_its_control_bitwise_and_analyses_its_own_token
         assert loss.endpoint_a == pytest.approx(own, rel=1e-5)
         if pair.is_control:
             assert pair.l2.l2 == 0.0 and loss.barrier == 0.0 and pair.disagreement == 0.0
-    if model_init is _llama:
-        assert report.settings.alignment.method == "none" and "LlamaForCausalLM" in report.settings.alignment.skipped
+    # decoders are aligned too (grouped-query heads, rotary dimensions kept: test_alignment_families.py)
+    assert report.settings.alignment.method == "weight" and report.settings.alignment.skipped is None
+    for pair in report.parent_child():
+        assert pair.aligned is not None and pair.aligned.l2.l2 <= pair.l2.l2 + 1e-9
+        if pair.is_control:
+            assert pair.aligned.l2.l2 == 0.0
 
 
 def test_the_analysis_pads_as_training_did_and_refuses_a_run_without_its_tokenizer(tmp_path):

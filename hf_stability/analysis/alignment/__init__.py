@@ -1,8 +1,10 @@
 """Permutation alignment: relabel the hidden units of model b so that it lines up with model a
 without changing the function it computes, then measure what distance and barrier remain.
 
-- ``permutation_spec(model)``: the symmetries of BERT-layout encoders, transformers ViT and
-  timm VisionTransformer, attention heads included (``specs/``, one file per family).
+- ``permutation_spec(model)``: the symmetries of transformers encoders, vision transformers
+  and decoders built from common parts, Swin and timm VisionTransformer, attention heads,
+  grouped-query heads and rotary dimensions included (``specs/``; ``attention_layout.py``),
+  checked numerically on the model when built.
 - ``random_permutation``, ``apply_permutation``, ``permute_state`` (``permute.py``).
 - ``weight_matching(a, b)`` and ``activation_matching(a, b, spec, data)``, each returning a
   ``MatchingResult`` whose ``permutation`` goes to ``apply_permutation(b, ...)``.

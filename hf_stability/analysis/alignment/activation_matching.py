@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -16,6 +17,7 @@ from ..heads import call
 from .assignment import MatchingResult, assignment_value, solve_group
 from .spec import ActivationRef, PermutationSpec, Slot
 from .specs import permutation_spec
+from .weight_matching import slot_cost
 
 
 class _Moments:
@@ -59,6 +61,24 @@ def _rows(output: Any, ref: ActivationRef, size: int, mask: torch.Tensor | None)
     return hidden.reshape(-1, size)
 
 
+@torch.no_grad()
+def _from_weights(a: nn.Module, b: nn.Module, spec: PermutationSpec, perm: dict[str, torch.Tensor],
+                  groups: list) -> dict[str, torch.Tensor]:
+    """The groups no activation reads, solved from the weights as in weight matching, every
+    other permutation held at its activation-matched value."""
+    params_a, params_b = dict(a.named_parameters()), dict(b.named_parameters())
+    involved = {ref.param for g in groups for slot in g.slots for ref in slot.axes}
+    wa = {n: params_a[n].detach().float().cpu() for n in involved}
+    wb = {n: params_b[n].detach().float().cpu() for n in involved}
+    current = dict(perm)
+    for g in groups:
+        current.update({slot.name: torch.arange(slot.size) for slot in g.slots})
+    solved = {}
+    for g in groups:
+        solved.update(solve_group(g, {s.name: slot_cost(s, wa, wb, spec, current).numpy() for s in g.slots}))
+    return solved
+
+
 def _run(model: nn.Module, inputs: dict[str, Any]) -> None:
     """One forward pass for the hooks (any head: the outputs are not read)."""
     call(model, inputs)
@@ -96,27 +116,28 @@ def activation_matching(
     evaluator.ready(a, b)
 
     readers: dict[str, list[tuple[Slot, ActivationRef, _Moments]]] = {}
+    if not any(slot.activations for slot in spec.slots.values()):
+        raise UnsupportedArchitectureError(
+            f"The {spec.architecture} spec names no activations: align this architecture with weight matching.")
     for slot in spec.slots.values():
-        if not slot.activations:
-            raise UnsupportedArchitectureError(f"The spec names no activations for slot {slot.name!r}.")
-        for ref in slot.activations:
+        for ref in slot.activations:  # a slot without any (output columns) is solved with its group
             readers.setdefault(ref.module, []).append((slot, ref, _Moments(slot.size, evaluator.device)))
     modules_a, modules_b = dict(a.named_modules()), dict(b.named_modules())
     missing = [name for name in readers if name not in modules_a or name not in modules_b]
     if missing:
         raise UnsupportedArchitectureError(f"Activation matching reads module {missing[0]!r}, which the model lacks.")
 
-    held: dict[str, Any] = {}
+    held: dict[str, list[Any]] = {}  # per module, a's outputs in call order (shared layers run more than once)
     mask: list[torch.Tensor | None] = [None]
 
     def keep(name: str):
         def hook(_module, _inputs, output):
-            held[name] = output
+            held.setdefault(name, []).append(output)
         return hook
 
     def consume(name: str):
         def hook(_module, _inputs, output):
-            out_a = held.pop(name)
+            out_a = held[name].pop(0)
             for slot, ref, moments in readers[name]:
                 moments.add(_rows(out_a, ref, slot.size, mask[0]), _rows(output, ref, slot.size, mask[0]))
         return hook
@@ -144,9 +165,15 @@ def activation_matching(
             corr = moments.correlation()
             correlations[slot.name] = correlations[slot.name] + corr if slot.name in correlations else corr
     perm, value = {}, 0.0
+    unread = [g for g in spec.groups if not any(slot.name in correlations for slot in g.slots)]
     for group in spec.groups:
-        costs = {slot.name: correlations[slot.name].cpu().numpy() for slot in group.slots}
+        if group in unread:
+            continue
+        costs = {slot.name: correlations[slot.name].cpu().numpy() if slot.name in correlations
+                 else np.zeros((slot.size, slot.size)) for slot in group.slots}
         proposal = solve_group(group, costs)
         value += assignment_value(costs, proposal)
         perm.update(proposal)
+    if unread:  # no module output carries them (the attention inside nn.MultiheadAttention)
+        perm.update(_from_weights(a, b, spec, perm, unread))
     return MatchingResult(perm, "activation", time.perf_counter() - started, None, True, value)

@@ -7,7 +7,8 @@ import copy
 import torch
 from torch import nn
 
-from .spec import Permutation, PermutationGroup, PermutationSpec
+from .attention_layout import compose, random_head_permutation
+from .spec import Permutation, PermutationSpec
 from .specs import permutation_spec
 
 
@@ -16,26 +17,16 @@ def identity_permutation(spec: PermutationSpec) -> Permutation:
     return {name: torch.arange(slot.size) for name, slot in spec.slots.items()}
 
 
-def compose_heads(group: PermutationGroup, heads: torch.Tensor, within: dict[str, torch.Tensor]) -> Permutation:
-    """The slot permutations of an attention group from a head permutation ``heads`` (H) and, per
-    slot, the permutations inside each head ``within[slot]`` (H x head_dim, row h for head h of
-    the permuted model)."""
-    d = group.head_dim
-    return {slot.name: (heads.view(-1, 1) * d + within[slot.name]).reshape(-1) for slot in group.slots}
-
-
 def random_permutation(spec: PermutationSpec, generator: torch.Generator | None = None) -> Permutation:
-    """A uniformly random permutation of every slot, heads relabelled as wholes (seed it with
-    ``generator`` for a reproducible draw; the global RNG is not touched when one is given)."""
+    """A uniformly random element of the spec's symmetry (attention heads relabelled as wholes,
+    within their key/value group, rotary dimensions in place). Seed it with ``generator`` for a
+    reproducible draw; the global RNG is not touched when one is given."""
     perm: Permutation = {}
     for group in spec.groups:
-        heads = torch.randperm(group.num_heads, generator=generator)
-        within = {
-            slot.name: torch.stack(
-                [torch.randperm(group.head_dim, generator=generator) for _ in range(group.num_heads)])
-            for slot in group.slots
-        }
-        perm.update(compose_heads(group, heads, within))
+        if group.attention:
+            perm.update(compose(group, random_head_permutation(group, generator)))
+        else:
+            perm.update({slot.name: torch.randperm(slot.size, generator=generator) for slot in group.slots})
     return perm
 
 

@@ -4,10 +4,11 @@ A ``PermutationSpec`` is a list of ``PermutationGroup``s. A group holds one or m
 a slot is one permutation of ``size`` units, applied to every axis it lists (``AxisRef``) and
 read from every module output it lists (``ActivationRef``, for activation matching).
 
-A group with ``num_heads > 1`` is an attention layer: its slots (query/key dimensions, value
-dimensions) are cut into ``num_heads`` blocks of ``size // num_heads``; the heads are relabelled
-together in every slot, and inside each head every slot has its own permutation. That is the
-whole symmetry of multi-head attention.
+A group whose slots have a ``kind`` other than ``plain`` is an attention layer: its slots
+(query/key dimensions, value dimensions, per-head tables) are cut into head blocks that are
+relabelled together in every slot, with one permutation of the dimensions inside each head per
+kind (``attention_layout.py`` has the whole symmetry, grouped-query attention and rotary
+dimensions included).
 
 A ``Permutation`` maps slot name -> LongTensor ``p`` of the slot's size: unit ``i`` of the
 permuted model is unit ``p[i]`` of the original (``W'[i] = W[p[i]]`` along every listed axis).
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from ...errors import ArchitectureMismatchError
+from .attention_layout import SLOT_KINDS, decompose
 
 Permutation = dict[str, torch.Tensor]
 
@@ -51,19 +53,49 @@ class Slot:
     size: int
     axes: list[AxisRef] = field(default_factory=list)
     activations: list[ActivationRef] = field(default_factory=list)
+    kind: str = "plain"  # or an attention kind of attention_layout.SLOT_KINDS
 
 
 @dataclass
 class PermutationGroup:
-    """Slots that are solved together (see the module docstring for ``num_heads``)."""
+    """Slots that are solved together: one plain slot, or the slots of one attention layer
+    with ``num_heads`` query heads in ``kv_heads`` key/value groups (default: as many), the first
+    ``fixed_qk`` query/key dimensions of each head kept in place (rotary)."""
 
     name: str
     slots: list[Slot]
     num_heads: int = 1
+    kv_heads: int | None = None
+    fixed_qk: int = 0
+
+    @property
+    def attention(self) -> bool:
+        return any(slot.kind != "plain" for slot in self.slots)
+
+    @property
+    def key_value_heads(self) -> int:
+        return self.kv_heads or self.num_heads
+
+    @property
+    def queries_per_kv(self) -> int:
+        return self.num_heads // self.key_value_heads
+
+    def unit(self, slot: Slot) -> int:
+        """Units of ``slot`` per head block (its head dimension; 1 for a per-head table)."""
+        if slot.kind == "plain":
+            return slot.size
+        per_query, _ = SLOT_KINDS[slot.kind]
+        return slot.size // (self.num_heads if per_query else self.key_value_heads)
+
+    def dims(self) -> dict[str, int]:
+        """Head dimension of each within-head permutation (``qk``, ``v``) the group has."""
+        return {SLOT_KINDS[s.kind][1]: self.unit(s) for s in self.slots if s.kind != "plain" and SLOT_KINDS[s.kind][1]}
 
     @property
     def head_dim(self) -> int:
-        return self.slots[0].size // self.num_heads
+        """The query/key head dimension (the value one where there is none)."""
+        dims = self.dims()
+        return dims.get("qk", dims.get("v", self.slots[0].size))
 
 
 @dataclass
@@ -71,12 +103,15 @@ class PermutationSpec:
     """Every permutation symmetry of one architecture, derived from a model instance.
 
     ``shapes`` lists every floating-point parameter the spec was derived from (permuted or not):
-    a model to be permuted or matched must have exactly these tensors.
+    a model to be permuted or matched must have exactly these tensors. ``outputs`` names the
+    model outputs that carry hidden units (a base model's ``last_hidden_state``: slot
+    ``residual``); every other output is unchanged by a permutation.
     """
 
     architecture: str
     groups: list[PermutationGroup]
     shapes: dict[str, tuple[int, ...]]
+    outputs: dict[str, str] = field(default_factory=dict)
 
     @property
     def slots(self) -> dict[str, Slot]:
@@ -119,9 +154,9 @@ class PermutationSpec:
         return params
 
     def check_permutation(self, perm: Permutation) -> None:
-        """Raise unless ``perm`` has a valid permutation for every slot, heads kept whole."""
+        """Raise unless ``perm`` has a valid permutation for every slot, within each attention
+        group's symmetry (heads whole, query heads with their key/value group, rotary dims fixed)."""
         for group in self.groups:
-            head_maps = []
             for slot in group.slots:
                 if slot.name not in perm:
                     raise ArchitectureMismatchError(f"The permutation has no entry for slot {slot.name!r}.")
@@ -130,15 +165,5 @@ class PermutationSpec:
                     raise ArchitectureMismatchError(
                         f"perm[{slot.name!r}] is not a permutation of {slot.size} units (shape {tuple(p.shape)})."
                     )
-                if group.num_heads > 1:
-                    blocks = (p // group.head_dim).view(group.num_heads, group.head_dim)
-                    if not (blocks == blocks[:, :1]).all():
-                        raise ArchitectureMismatchError(
-                            f"perm[{slot.name!r}] moves units between attention heads: heads must stay whole."
-                        )
-                    head_maps.append(blocks[:, 0])
-            if any(not torch.equal(h, head_maps[0]) for h in head_maps[1:]):
-                raise ArchitectureMismatchError(
-                    f"The slots of {group.name!r} relabel the heads differently: queries, keys and values must "
-                    "move with their head."
-                )
+            if group.attention:
+                decompose(group, perm)

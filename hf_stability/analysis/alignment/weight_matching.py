@@ -27,6 +27,11 @@ def _is_direct(ref: AxisRef, spec: PermutationSpec) -> bool:
     return all(other.axis == ref.axis for other, _ in spec.axes_of(ref.param))
 
 
+def _is_known(ref: AxisRef, spec: PermutationSpec, known: set[str]) -> bool:
+    """Whether every other permuted axis of the tensor belongs to a slot in ``known``."""
+    return all(other.axis == ref.axis or slot.name in known for other, slot in spec.axes_of(ref.param))
+
+
 def _owns_a_table(group: PermutationGroup, spec: PermutationSpec) -> bool:
     """Whether a tensor of two or more axes is permuted by this group alone (an embedding table)."""
     return any(
@@ -34,14 +39,14 @@ def _owns_a_table(group: PermutationGroup, spec: PermutationSpec) -> bool:
     )
 
 
-def _slot_cost(slot: Slot, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], spec: PermutationSpec,
-               perm: Permutation, direct_only: bool = False) -> torch.Tensor:
+def slot_cost(slot: Slot, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], spec: PermutationSpec,
+               perm: Permutation, known: set[str] | None = None) -> torch.Tensor:
     """cost[i, j] = sum over the slot's axes of <unit i of a, unit j of b>, every other axis of b
     permuted by the current ``perm``: one matrix product per tensor, on the tensors' device.
-    ``direct_only``: only the tensors that no other group permutes."""
+    ``known``: only the tensors whose other axes all belong to these slots (already solved)."""
     cost = torch.zeros(slot.size, slot.size, dtype=torch.float64, device=next(iter(a.values())).device)
     for ref in slot.axes:
-        if direct_only and not _is_direct(ref, spec):
+        if known is not None and not _is_known(ref, spec, known):
             continue
         wa = a[ref.param].narrow(ref.axis, ref.start, slot.size).movedim(ref.axis, 0).reshape(slot.size, -1)
         wb = permute_tensor(b[ref.param], ref.param, spec, perm, skip=(ref.axis, ref.start))
@@ -120,17 +125,40 @@ def weight_matching(
     # would give the same answer, so only "stale" groups are solved (the result is unchanged).
     stale = set(range(len(spec.groups)))
 
-    def visit(run: list[int], direct_only: bool) -> int:
+    host_perm = {name: p.cpu() for name, p in perm.items()}
+    pinned: dict[tuple, torch.Tensor] = {}  # page-locked buffers by (group in run, slot in group, shape)
+
+    def to_host(costs: list[dict[str, torch.Tensor]]) -> list[dict[str, np.ndarray]]:
+        """The cost matrices on the host, as float32 (half the bytes; the assignment values are
+        summed in float64): on CUDA through page-locked buffers, copied without a sync each and
+        waited for once."""
+        if device.type != "cuda":
+            return [{name: c.float().numpy() for name, c in group.items()} for group in costs]
+        out = []
+        for n, group in enumerate(costs):
+            host = {}
+            for j, (name, c) in enumerate(group.items()):
+                key = (n, j, tuple(c.shape))
+                buffer = pinned.get(key)
+                if buffer is None:
+                    buffer = pinned[key] = torch.empty(c.shape, dtype=torch.float32, pin_memory=True)
+                buffer.copy_(c.float(), non_blocking=True)
+                host[name] = buffer
+            out.append(host)
+        torch.cuda.current_stream(device).synchronize()
+        return [{name: b.numpy() for name, b in group.items()} for group in out]
+
+    def visit(run: list[int], known: set[str] | None) -> int:
         """Solve groups that share no tensor (in parallel); keep each solution that improves."""
         groups = [spec.groups[i] for i in run]
-        costs = [{s.name: _slot_cost(s, wa, wb, spec, perm, direct_only).cpu().numpy() for s in g.slots}
-                 for g in groups]
+        costs = to_host([{s.name: slot_cost(s, wa, wb, spec, perm, known) for s in g.slots} for g in groups])
         improved = 0
         for i, group, cost, proposal in zip(run, groups, costs, pool.map(solve_group, groups, costs)):
             stale.discard(i)
-            before = assignment_value(cost, {slot.name: perm[slot.name].cpu() for slot in group.slots})
+            before = assignment_value(cost, {slot.name: host_perm[slot.name] for slot in group.slots})
             if assignment_value(cost, proposal) > before + 1e-9 * max(1.0, abs(before)):
                 perm.update({name: p.to(device) for name, p in proposal.items()})
+                host_perm.update(proposal)
                 stale.update(neighbours[i])
                 improved += 1
         return improved
@@ -144,14 +172,28 @@ def weight_matching(
         # first sweep does not lock in assignments made against an unaligned residual stream.
         anchored = [i for i, g in enumerate(spec.groups) if _owns_a_table(g, spec)]
         for run in chunks(anchored):
-            visit(run, direct_only=True)
+            visit(run, known=set())
+        # Then outwards from them: each group solved from the tensors that link it to groups
+        # already solved (an embedding projection, then the layers reading the stream), so that
+        # no group starts from an assignment made against unaligned neighbours.
+        solved = {slot.name for i in anchored for slot in spec.groups[i].slots}
+        remaining = [i for i in range(len(spec.groups)) if i not in anchored]
+        while remaining:
+            ready = [i for i in remaining if any(not _is_direct(ref, spec) and _is_known(ref, spec, solved)
+                                                 for slot in spec.groups[i].slots for ref in slot.axes)]
+            if not ready:
+                break
+            for run in chunks(ready):  # they share only tensors of unsolved slots, which are not read
+                visit(run, known=solved)
+            solved |= {slot.name for i in ready for slot in spec.groups[i].slots}
+            remaining = [i for i in remaining if i not in ready]
         stale = set(range(len(spec.groups)))
         while iterations < max_iter:
             iterations += 1
             improved = 0
             for whole in _independent_runs([int(i) for i in rng.permutation(len(spec.groups))], tensors):
                 for run in chunks([i for i in whole if i in stale]):
-                    improved += visit(run, direct_only=False)
+                    improved += visit(run, known=None)
             logger.debug("weight matching sweep %d: %d of %d groups improved", iterations, improved, len(spec.groups))
             if not improved:
                 converged = True

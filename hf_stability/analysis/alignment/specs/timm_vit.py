@@ -57,4 +57,5 @@ def timm_vit_spec(model: nn.Module) -> PermutationSpec:
         residual.activations.append(ActivationRef(prefix))
     if isinstance(builder.module("head"), nn.Linear):
         builder.linear("head", residual, None)
-    return builder.finish()
+        return builder.finish()
+    return builder.finish({"output": residual.name})  # features, without a classifier

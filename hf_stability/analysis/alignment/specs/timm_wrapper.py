@@ -25,13 +25,16 @@ def prefixed(spec: PermutationSpec, prefix: str, architecture: str) -> Permutati
             group.name,
             [Slot(slot.name, slot.size,
                   axes=[AxisRef(prefix + a.param, a.axis, a.start) for a in slot.axes],
-                  activations=[ActivationRef(prefix + r.module, r.start) for r in slot.activations])
+                  activations=[ActivationRef(prefix + r.module, r.start) for r in slot.activations],
+                  kind=slot.kind)
              for slot in group.slots],
-            num_heads=group.num_heads,
+            num_heads=group.num_heads, kv_heads=group.kv_heads, fixed_qk=group.fixed_qk,
         )
         for group in spec.groups
     ]
-    return PermutationSpec(architecture, groups, {prefix + name: shape for name, shape in spec.shapes.items()})
+    shapes = {prefix + name: shape for name, shape in spec.shapes.items()}
+    outputs = {"logits" if field == "output" else field: slot for field, slot in spec.outputs.items()}
+    return PermutationSpec(architecture, groups, shapes, outputs)
 
 
 @register_spec("transformers TimmWrapperForImageClassification around a supported timm model", _is_timm_wrapper)
