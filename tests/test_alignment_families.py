@@ -273,3 +273,34 @@ def test_variants_outside_the_rules_are_refused_naming_what_is_missing():
     cross = T.BertModel(T.BertConfig(**ENCODER, is_decoder=True, add_cross_attention=True))
     with pytest.raises(UnsupportedArchitectureError, match="cross-attention"):
         permutation_spec(cross)
+
+
+HEAD_CLASSES = ("AutoModel", "AutoModelForSequenceClassification", "AutoModelForTokenClassification",
+                "AutoModelForQuestionAnswering", "AutoModelForMultipleChoice", "AutoModelForMaskedLM",
+                "AutoModelForCausalLM", "AutoModelForImageClassification")
+
+
+@pytest.mark.parametrize("family", ["bert-base", "distilbert", "deberta-v3", "electra-small-embeddings", "albert",
+                                    "modernbert", "deit-with-teacher", "beit", "dinov2", "swin", "gpt2", "llama-gqa3",
+                                    "mistral-gqa2", "qwen2-tied", "gemma-multi-query"])
+def test_every_auto_head_of_a_family_gets_a_spec_that_keeps_its_outputs(family):
+    """Each AutoModelFor... class the family has: its spec is derived and passes the numeric
+    check (a random permutation keeps the outputs) when built."""
+    config = _model(family).config
+    built = []
+    # (transformers 5.24's AutoModelForImageClassification.from_config fails on a DeiT config)
+    extra = {"deit-with-teacher": ("DeiTForImageClassification", "DeiTForImageClassificationWithTeacher")}
+    for name in HEAD_CLASSES + extra.get(family, ()):
+        try:
+            torch.manual_seed(0)
+            cls = getattr(T, name)
+            model = (cls.from_config(config) if name.startswith("Auto") else cls(config)).eval()
+        except (ValueError, TypeError):  # the family has no such head
+            continue
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        spec = permutation_spec(model)
+        assert spec.shapes == {n: tuple(p.shape) for n, p in model.named_parameters()}
+        built.append(name)
+    assert "AutoModel" in built and len(built) >= 2, built

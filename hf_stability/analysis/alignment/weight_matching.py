@@ -98,7 +98,8 @@ def weight_matching(
     """The permutation of ``b``'s hidden units that best matches ``a``'s weights.
 
     Coordinate ascent: the groups that own an embedding table (the residual stream) are first
-    solved from the tensors only they permute; then each sweep visits the groups in a random
+    solved from the tensors only they permute, then the others outwards from them (each from
+    the tensors linking it to groups already solved); then each sweep visits the groups in a random
     order (from ``seed``) and solves each group's linear assignment problem with the others
     held fixed (skipping groups none of whose neighbours changed since they were last solved);
     it stops after a sweep in which no group improved, or after ``max_iter`` sweeps. Cost

@@ -35,7 +35,8 @@ ROLES: dict[str, tuple[str, ...]] = {
 }
 # Heads that transform the residual stream into units of their own before a readout.
 TRANSFORMS = ("pooler.dense", "pooler", "pre_classifier", "head.dense", "classifier.dense", "sequence_summary.summary",
-              "transform.dense", "vocab_transform", "lm_head.dense", "generator_predictions.dense")
+              "transform.dense", "vocab_transform", "lm_head.dense", "generator_predictions.dense",
+              "predictions.dense")
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 
 
@@ -257,13 +258,19 @@ def derive_model(model: nn.Module, architecture: str) -> tuple[SpecBuilder, dict
                   and linear_shape(m)[0] == hidden]
     if len(transforms) > 1:
         raise UnsupportedArchitectureError(f"{architecture}: several head transforms ({transforms}) are not derived.")
-    readouts = [n for n, m in outside if is_linear(m) and n not in transforms
-                and linear_shape(m)[0] % hidden == 0 and not (stream and linear_shape(m)[0] == stream.size)]
+    def reads(module: nn.Module) -> bool:  # the stream (or copies of it), or the embedding stream into a vocabulary
+        width, out = linear_shape(module)
+        return width % hidden == 0 or (stream is not None and width == stream.size and out != hidden)
+
+    readouts = [n for n, m in outside if is_linear(m) and n not in transforms and reads(m)]
     tied = [n for n in readouts if f"{n}.weight" not in builder.params]
     readout_biases = {id(builder.modules[n].bias) for n in readouts
                       if getattr(builder.modules[n], "bias", None) is not None}
     head_units = residual
-    if transforms and not tied:
+    if transforms and tied:  # a decoder tied to the embeddings: the transform writes their stream
+        width = linear_shape(builder.modules[transforms[0]])[1]
+        head_units = stream if stream is not None and width == stream.size else residual
+    elif transforms:
         head_units = builder.plain(transforms[0].rsplit(".", 1)[0] if "." in transforms[0] else transforms[0],
                                    linear_shape(builder.modules[transforms[0]])[1])
         head_units.activations.append(ActivationRef(transforms[0]))
@@ -277,7 +284,7 @@ def derive_model(model: nn.Module, architecture: str) -> tuple[SpecBuilder, dict
         elif name in readouts:
             width = linear_shape(module)[0]
             if f"{name}.weight" in builder.params:  # else tied to the embeddings, already covered
-                for start in range(0, width, hidden):
+                for start in range(0, width, head_units.size):
                     builder.linear(name, head_units, None, in_start=start)
             builder.unpermuted(f"{name}.bias")
         elif is_linear(module) and stream is not None and linear_shape(module) == (stream.size, hidden):
