@@ -137,6 +137,11 @@ def run_collator(run: RunDirectory) -> Any:
     info = run.collator_file
     record = read_json(info, run.data_remedy()) if info.is_file() else {"collator": "default"}
     kind, multiple = record.get("collator"), record.get("pad_to_multiple_of")
+    if kind == "trl_sft":  # TRL's SFT collator, rebuilt from its arguments (the study ran with trl installed)
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling as SFTCollator
+
+        return SFTCollator(pad_token_id=record["pad_token_id"], padding_free=record["padding_free"],
+                           return_position_ids=record["return_position_ids"], pad_to_multiple_of=multiple)
     builders = {
         "padding": lambda tokenizer: DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple),
         "causal_lm": lambda tokenizer: DataCollatorForLanguageModeling(tokenizer, mlm=False,

@@ -36,11 +36,15 @@ def collator_record(collator: Any) -> dict[str, Any]:
     """What the analyzer needs to batch the saved examples as training did: ``padding``
     (DataCollatorWithPadding), ``causal_lm`` (DataCollatorForLanguageModeling with mlm=False:
     labels are the input ids, padding labelled -100), ``seq2seq`` (DataCollatorForSeq2Seq: the
-    dataset's own labels, completion-only ones too, padded with -100), else ``default``
-    (transformers' default_data_collator: examples of one length)."""
+    dataset's own labels, completion-only ones too, padded with -100), ``trl_sft`` (TRL's
+    SFTTrainer collator: its own padding, completion masks and padding-free batches, rebuilt from
+    its arguments), else ``default`` (transformers' default_data_collator: examples of one length)."""
     from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, DataCollatorWithPadding
 
     multiple = getattr(collator, "pad_to_multiple_of", None)
+    if type(collator).__module__.startswith("trl.") and type(collator).__name__ == "DataCollatorForLanguageModeling":
+        return {"collator": "trl_sft", "pad_to_multiple_of": multiple, "pad_token_id": collator.pad_token_id,
+                "padding_free": collator.padding_free, "return_position_ids": collator.return_position_ids}
     if isinstance(collator, DataCollatorWithPadding):
         return {"collator": "padding", "pad_to_multiple_of": multiple}
     if isinstance(collator, DataCollatorForLanguageModeling) and not collator.mlm:
@@ -73,7 +77,8 @@ def save_analysis_data(trainer: Any, run: RunDirectory, run_fingerprint: str) ->
         with atomic_directory(target) as tmp:
             subset.save_to_disk(str(tmp))
     collator = collator_record(trainer.data_collator)
-    if collator["collator"] != "default" and not run.data_tokenizer.is_dir():  # what the analyzer pads with
+    needs_tokenizer = collator["collator"] not in ("default", "trl_sft")  # TRL's pads with its pad_token_id
+    if needs_tokenizer and not run.data_tokenizer.is_dir():  # what the analyzer pads with
         with atomic_directory(run.data_tokenizer) as tmp:
             trainer.data_collator.tokenizer.save_pretrained(str(tmp))
     if not run.collator_file.is_file():
