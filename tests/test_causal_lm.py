@@ -158,3 +158,45 @@ def test_the_analysis_pads_as_training_did_and_refuses_a_run_without_its_tokeniz
         (run / "parent/final" / name).unlink(missing_ok=True)
     with pytest.raises(RunDirectoryError, match="holds no tokenizer to pad with"):
         run_collator(RunDirectory(run))
+
+
+def test_the_completion_study_cuts_prompts_to_fit_loads_a_bf16_base_and_refuses_what_cannot_work(tmp_path):
+    from transformers import TrainingArguments
+
+    from hf_stability.errors import StudyArgumentsError
+    from hf_stability.studies.adapters import AdapterArguments
+    from hf_stability.studies.causal_lm import (
+        CausalModelArguments,
+        CompletionDataArguments,
+        build_causal_lm_trainer,
+        encode_completion,
+    )
+
+    tokenizer = _tokenizer()
+    row = encode_completion(tokenizer, "a long prompt " * 20, " positive", max_length=12, completion_only=True)
+    assert len(row["input_ids"]) == 12 and row["input_ids"][0] == tokenizer.cls_token_id
+    learnt = [t for t, y in zip(row["input_ids"], row["labels"]) if y != -100]
+    assert tokenizer.decode(learnt) == "positive [SEP]"  # the answer always fits; the prompt was cut
+    everything = encode_completion(tokenizer, "a prompt", " positive", max_length=12, completion_only=False)
+    assert everything["labels"][1:] == everything["input_ids"][1:]
+    with pytest.raises(StudyArgumentsError, match="leaves no room for the prompt"):
+        encode_completion(tokenizer, "a prompt", " positive", max_length=3, completion_only=True)
+    with pytest.raises(StudyArgumentsError, match="pretrain one with recipes/pretrain_causal_lm.py"):
+        CausalModelArguments()
+    with pytest.raises(StudyArgumentsError, match="model_dtype must be one of"):
+        CausalModelArguments("somewhere", model_dtype="int8")
+    with pytest.raises(StudyArgumentsError, match="prompt_template must hold"):
+        CompletionDataArguments(prompt_template="no text here")
+
+    saved = tmp_path / "decoder"
+    _llama().save_pretrained(saved)
+    tokenizer.save_pretrained(saved)
+    trainer = build_causal_lm_trainer(
+        CausalModelArguments(str(saved), model_dtype="bfloat16"), CompletionDataArguments(max_train_samples=8,
+                                                                                         max_eval_samples=4),
+        StabilityArguments(spawn_steps=[0]), TrainingArguments(str(tmp_path / "run"), use_cpu=True, report_to="none"),
+        AdapterArguments(peft="lora", target_modules=["q_proj", "v_proj"]))
+    model = trainer.call_model_init()
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)  # the adapter trains in float32
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if "lora_" not in n)  # on a bf16 base

@@ -22,11 +22,14 @@ from transformers import (
     BertForQuestionAnswering,
     BertForSequenceClassification,
     BertForTokenClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
 )
 
 from hf_stability import StabilityArguments, StabilityTrainer
 from hf_stability.analysis import AnalyzeArguments, EvalData, Evaluator, analyze_run, barrier, disagreement
 from hf_stability.analysis.heads import IGNORE_INDEX, head_of
+from hf_stability.analysis.representations import compare_representations
 from hf_stability.errors import AnalysisDataError
 
 N = 48  # examples
@@ -81,8 +84,24 @@ def question_answering():
     return BertForQuestionAnswering, {"num_labels": 2}, data
 
 
+def _tiny_llama(config):
+    """A tiny Llama with grouped-query attention, its vocabulary that of the BERT ``config``."""
+    return LlamaForCausalLM(LlamaConfig(vocab_size=config.vocab_size, hidden_size=32, intermediate_size=48,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=64, pad_token_id=0))
+
+
+def causal_lm():
+    """Next-token prediction with completion-only labels: padding and each tweet's first 5 tokens
+    (the "prompt") are labelled -100, so the tokens that count differ from row to row."""
+    data = _tokens().remove_columns(["labels", "token_type_ids"])
+    labels = [[t if (m == 1 and i >= 5) else IGNORE_INDEX for i, (t, m) in enumerate(zip(ids, mask))]
+              for ids, mask in zip(data["input_ids"], data["attention_mask"])]
+    return _tiny_llama, {}, data.add_column("labels", labels)
+
+
 HEADS = {f.__name__: f for f in (single_label, multi_label, regression, token_classification, multiple_choice,
-                                 question_answering)}
+                                 question_answering, causal_lm)}
 
 
 def _models(build, overrides):
@@ -105,6 +124,11 @@ def _independent_loss_and_error(name, model, data):
         wrong = ~((out.start_logits.argmax(-1) == s) & (out.end_logits.argmax(-1) == e))
         return float(loss), float(wrong.float().mean())
     logits, labels = out.logits, batch["labels"]
+    if name == "causal_lm":  # the logits at position i predict the token at i + 1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+        keep = labels != IGNORE_INDEX
+        return (float(F.cross_entropy(logits[keep], labels[keep])),
+                float((logits.argmax(-1)[keep] != labels[keep]).float().mean()))
     if name == "multi_label":
         return (float(F.binary_cross_entropy_with_logits(logits, labels)),
                 float(((logits > 0) != (labels > 0.5)).float().mean()))
@@ -163,6 +187,8 @@ def _independent_disagreement(name, a, b, data):
     differ = out_a.logits.argmax(-1) != out_b.logits.argmax(-1)
     if name == "token_classification":  # only the tokens that carry a label
         return float(differ[batch["labels"] != IGNORE_INDEX].float().mean())
+    if name == "causal_lm":  # only the positions whose next token carries a label
+        return float(differ[:, :-1][batch["labels"][:, 1:] != IGNORE_INDEX].float().mean())
     return float(differ.float().mean())
 
 
@@ -174,8 +200,13 @@ def measured(name: str, accelerator=None) -> dict:
     evaluator = Evaluator(accelerator, device="cpu", progress=False)
     data = EvalData(data, batch_size=10)
     sums = evaluator.evaluate(a, data)
-    return {"loss": sums.loss, "error": sums.error, "disagreement": disagreement(a, b, data, evaluator=evaluator),
-            "loss_barrier": barrier(a, b, data, "loss", alphas=3, evaluator=evaluator).barrier}
+    figures = {"loss": sums.loss, "error": sums.error, "disagreement": disagreement(a, b, data, evaluator=evaluator),
+               "loss_barrier": barrier(a, b, data, "loss", alphas=3, evaluator=evaluator).barrier}
+    if name == "causal_lm":  # and a language model's perplexity, and CKA at the last or at every real token
+        figures["perplexity_barrier"] = barrier(a, b, data, "perplexity", alphas=3, evaluator=evaluator).barrier
+        for pooling in ("last", "all"):  # (NaN before the first layer at the last token: every tweet ends in [SEP])
+            figures[f"cka_{pooling}"] = compare_representations(a, b, data, pooling, evaluator).cka
+    return figures
 
 
 def test_two_processes_give_the_numbers_of_one_for_every_head(tmp_path):
@@ -190,7 +221,8 @@ def test_two_processes_give_the_numbers_of_one_for_every_head(tmp_path):
         one = measured(name)
         assert one.keys() == two[name].keys()
         for key, value in one.items():
-            assert two[name][key] == (None if value is None else pytest.approx(value, rel=1e-6, abs=1e-9)), (name, key)
+            expected = None if value is None else pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True)
+            assert two[name][key] == expected, (name, key)
 
 
 def test_token_classification_counts_no_position_labelled_minus_100():
@@ -220,7 +252,14 @@ def test_a_study_of_every_head_trains_and_analyses_with_the_defaults(tmp_path, n
     has_error = name != "regression"
     assert ("error" in child.barriers["eval"]) is has_error and (child.disagreement is not None) is has_error
     assert (report.settings.head.error is None) is not has_error
-    assert report.settings.pooling == ("all" if name in ("token_classification", "question_answering") else "cls")
+    assert report.settings.pooling == ("all" if name in ("token_classification", "question_answering", "causal_lm")
+                                       else "cls")
+    # perplexity along the path: exp of the loss at every alpha, for a language model only
+    assert ("perplexity" in child.barriers["eval"]) is (name == "causal_lm")
+    if name == "causal_lm":
+        loss, perplexity = child.barriers["eval"]["loss"], child.barriers["eval"]["perplexity"]
+        assert perplexity.values == pytest.approx([math.exp(v) for v in loss.values], rel=1e-12)
+        assert report.run.task == "text-generation" and report.settings.head.perplexity
     assert all(v is None or (math.isfinite(v) and -1e-6 <= v <= 1 + 1e-6) for v in child.cka.values)
     # the default alignment: BERT has a permutation spec (every head but those the spec lacks)
     assert report.settings.alignment.method in ("weight", "none")

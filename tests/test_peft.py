@@ -105,6 +105,14 @@ def test_peft_analysis_measures_the_adapters_and_the_merged_models(peft_study):
         assert pair.aligned is not None and pair.aligned.l2.l2 <= pair.merged_l2.l2 * (1 + 1e-9)
         assert pair.cka.values[-1] is not None
     assert report.settings.alignment.architecture.startswith("BertForSequenceClassification")
+    # the summary holds the merged L2 beside the adapters' (the aligned L2 is the merged models'), and
+    # the table says which is which
+    for row in (r for r in report.summary if r.children):
+        assert row.children["merged_l2"].mean >= row.children["aligned_l2"].mean * (1 - 1e-9)
+    from hf_stability.report.table import summary_table
+
+    header = summary_table(report).splitlines()[0]
+    assert "L2 to parent (adapter)" in header and "L2 merged" in header and "L2 aligned (merged)" in header
 
 
 def test_barriers_along_the_merged_path_share_the_endpoints_of_the_adapter_path(peft_study, tmp_path):

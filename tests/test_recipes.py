@@ -39,8 +39,9 @@ def _check_study(run_dir: Path) -> dict:
         l2 = pair["l2"]["l2"]
         if pair["is_control"]:
             assert l2 == 0.0
-        elif pair.get("aligned"):
-            assert l2 > 0 and pair["aligned"]["l2"]["l2"] <= l2 * (1 + 1e-9)
+        elif pair.get("aligned"):  # (a PEFT study aligns its merged models: against their own L2)
+            unaligned = (pair.get("merged_l2") or pair["l2"])["l2"]
+            assert l2 > 0 and pair["aligned"]["l2"]["l2"] <= unaligned * (1 + 1e-9)
     return report
 
 
@@ -74,6 +75,46 @@ def test_pretrain_vit_then_fine_tune_it_in_the_image_recipe(tmp_path):
     body = [n for n in source if not n.startswith("classifier.")]
     assert all(source[n].detach().equal(start[n]) for n in body)
     assert not source["classifier.weight"].detach().equal(start["classifier.weight"])
+
+
+TINY_LLAMA = ["--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "4",
+              "--num_key_value_heads", "2", "--intermediate_size", "48"]
+
+
+def test_pretrain_a_small_llama_then_fine_tune_it_with_lora_and_fully(tmp_path):
+    pretrained = tmp_path / "pretrained"
+    _run([sys.executable, str(RECIPES / "pretrain_causal_lm.py"), "--output_dir", str(pretrained),
+          "--max_train_samples", "64", "--max_eval_samples", "32", "--max_length", "24", "--max_steps", "4",
+          *TINY_LLAMA, *TINY_TRAINING])
+    metrics = json.loads((pretrained / "eval_results.json").read_text())
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
+    assert (pretrained / "model.safetensors").is_file() and (pretrained / "tokenizer.json").is_file()
+    source = load_file(str(pretrained / "model.safetensors"))
+    study = [sys.executable, str(RECIPES / "butterfly_causal_lm.py"), "--model_name_or_path", str(pretrained),
+             "--max_train_samples", "48", "--max_eval_samples", "32", "--max_length", "32", "--max_steps", "4",
+             "--spawn_steps", "0", "2", "--num_children", "1", "--divergence_every", "2", *TINY_TRAINING,
+             *TINY_ANALYSIS]
+    for peft in ("lora", "none"):
+        run_dir = tmp_path / peft
+        _run([*study, "--peft", peft, "--output_dir", str(run_dir)])
+        report = _check_study(run_dir)
+        assert report["run"]["task"] == "text-generation" and report["run"]["base_model"] is None  # (a local model)
+        assert report["settings"]["head"]["name"] == "causal language model"
+        assert (report["settings"]["peft"] is not None) is (peft == "lora")
+        for pair in report["pairs"]:  # the answer's tokens are measured: perplexity is exp(loss) along the path
+            loss, perplexity = pair["barriers"]["eval"]["loss"], pair["barriers"]["eval"]["perplexity"]
+            assert perplexity["values"] == pytest.approx([math.exp(v) for v in loss["values"]])
+        # the study starts from the pretrained weights: LoRA's frozen base, or every weight of the full study
+        start = load_file(str(run_dir / ("base_model" if peft == "lora" else "parent/initial") / "model.safetensors"))
+        assert start.keys() == source.keys() and all(start[n].equal(source[n]) for n in source)
+    # completion-only: the prompt's tokens are labelled -100, the answer's and the end token are learnt
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(pretrained))
+    example = load_from_disk(str(tmp_path / "none" / "data" / "eval"))[0]
+    learnt = [t for t, y in zip(example["input_ids"], example["labels"]) if y != -100]
+    assert tokenizer.decode(learnt) in ("negative [SEP]", "neutral [SEP]", "positive [SEP]")
 
 
 def test_image_recipe_with_a_timm_vit(tmp_path):
@@ -125,6 +166,9 @@ def test_a_sweep_of_sizes_and_references_is_one_command_and_one_run(tmp_path):
     ("butterfly_image_classification.py", "vit_fmnist_from_scratch.json"),
     ("pretrain_vit.py", "vit_fmnist_pretrain.json"),
     ("butterfly_image_classification.py", "vit_fmnist_finetune.json"),
+    ("pretrain_causal_lm.py", "llama_pretrain_text.json"),
+    ("butterfly_causal_lm.py", "llama_tweets_lora.json"),
+    ("butterfly_causal_lm.py", "llama_tweets_full.json"),
 ])
 def test_every_key_of_a_recipe_config_is_a_field_of_its_recipe_and_parses(script, config):
     """Each key names a field of one of the recipe's argument dataclasses, and every dataclass takes

@@ -1,7 +1,7 @@
 """TRL's SFTTrainer through the mixin (issue 23): a real SFTTrainer subclassed with
-StabilityMixin runs butterfly() on a tiny Llama (grouped-query attention); the control ends
-bitwise its parent on CPU, and the analysis batches the saved examples with TRL's own collator,
-so its token-level loss is the model's own."""
+StabilityMixin runs butterfly() on a tiny Llama (grouped-query attention), fully and with TRL's
+own LoRA (peft_config); the control ends bitwise its parent on CPU, and the analysis batches the
+saved examples with TRL's own collator, so its token-level loss is the model's own."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ class StabilitySFTTrainer(StabilityMixin, trl.SFTTrainer):
     pass
 
 
-def test_an_sft_trainer_study_keeps_its_control_bitwise_and_analyses_with_trl_s_collator(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "trl-peft-config"])
+def test_an_sft_trainer_study_keeps_its_control_bitwise_and_analyses_with_trl_s_collator(tmp_path, lora):
     data = _plain_text(96)
     train, evaluation = data.select(range(64)), data.select(range(64, 96))
     run = tmp_path / "run"
@@ -30,8 +31,13 @@ def test_an_sft_trainer_study_keeps_its_control_bitwise_and_analyses_with_trl_s_
                          learning_rate=3e-3, seed=5, use_cpu=True, report_to="none", save_strategy="no",
                          disable_tqdm=True, dataloader_num_workers=0, max_length=24, packing=False)
     torch.manual_seed(5)
+    peft_config = None
+    if lora:  # TRL puts the adapter on the model itself
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer = StabilitySFTTrainer(model=_llama(), args=args, train_dataset=train, eval_dataset=evaluation,
-                                  processing_class=_tokenizer(),
+                                  processing_class=_tokenizer(), peft_config=peft_config,
                                   stability_args=StabilityArguments(spawn_steps=[0, 3], num_children=1,
                                                                     divergence_every=3, perturbation_scale=0.1))
     result = trainer.butterfly()
@@ -47,6 +53,9 @@ def test_an_sft_trainer_study_keeps_its_control_bitwise_and_analyses_with_trl_s_
     assert type(collator) is type(trainer.data_collator)  # TRL's own, rebuilt from its arguments
     report = analyze_run(run, AnalyzeArguments(train_samples=16, batch_size=16, alphas=3, cpu=True))
     assert report.settings.head.name == "causal language model"
+    # with TRL's LoRA the adapter alone was perturbed and is measured
+    assert (report.settings.peft is not None) is lora
+    assert (run / "parent/final" / ("adapter_model.safetensors" if lora else "model.safetensors")).is_file()
     model = load_run_model(RunDirectory(run), run / "parent/final", None).eval()
     with torch.no_grad():
         own = float(model(**trainer.data_collator([evaluation[i] for i in range(32)])).loss)

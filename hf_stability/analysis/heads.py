@@ -15,6 +15,9 @@ in 1 or N processes. The error rule and the predictions depend on the head:
 | extractive question answering | examples | the argmax start and end, both right |
 | causal language model | next tokens not labelled -100 | argmax of the logits |
 | anything else | none | |
+
+A head whose loss is the mean cross-entropy of next tokens (a causal language model) also has a
+perplexity, exp(loss), and so a perplexity barrier along the path.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class Head:
 
     name = "unknown head"
     error_rule: str | None = None  # None: no error barrier and no disagreement for this head
+    perplexity_rule: str | None = None  # None: its loss is no per-token cross-entropy, so it has no perplexity
 
     def outputs(self, model: nn.Module, inputs: dict[str, Any], labels: dict[str, torch.Tensor]) -> Any:
         """The model's outputs, with the loss it computes from ``labels``."""
@@ -157,6 +161,7 @@ class QuestionAnswering(Head):
 class CausalLM(Head):
     name = "causal language model"
     error_rule = "argmax of the logits against the next token, per token not labelled -100"
+    perplexity_rule = "exp of the mean next-token cross-entropy over the tokens not labelled -100"
 
     def loss_units(self, labels):
         return (labels["labels"][..., 1:] != IGNORE_INDEX).sum()
@@ -195,6 +200,27 @@ def head_of(model: nn.Module, batch: dict[str, Any]) -> Head:
     if name.endswith(("ForSequenceClassification", "ForImageClassification")) or "Classification" in name:
         return SingleLabel()
     return Head()
+
+
+#: The Hub pipeline task of a model class, by the end of its name (the first that matches).
+PIPELINE_TASKS = (
+    (("ForCausalLM", "LMHeadModel"), "text-generation"),
+    (("ForTokenClassification",), "token-classification"),
+    (("ForQuestionAnswering",), "question-answering"),
+    (("ForMultipleChoice",), "multiple-choice"),
+    (("ForMaskedLM",), "fill-mask"),
+    (("ForImageClassification", "VisionTransformer"), "image-classification"),
+)
+
+
+def pipeline_task(model_class: str | None) -> str:
+    """The Hub task (pipeline tag) of a model class name: "text-generation" for a causal language
+    model, "image-classification" for an image classifier... and "text-classification" otherwise."""
+    name = model_class or ""
+    for endings, task in PIPELINE_TASKS:
+        if name.endswith(endings):
+            return task
+    return "image-classification" if "Image" in name else "text-classification"
 
 
 def labels_of(batch: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -1,7 +1,9 @@
-"""Loss and error barriers along the linear path between two models."""
+"""Loss, error and (for language models) perplexity barriers along the linear path between two
+models."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,10 +12,11 @@ from tqdm.auto import tqdm
 
 from ..errors import AnalysisDataError
 from .evaluation import EvalData, EvalSums, Evaluator
+from .heads import Head
 from .interpolation import Interpolator, default_alphas
 from .schema import BarrierResult
 
-BUILTIN_METRICS = ("loss", "error")
+BUILTIN_METRICS = ("loss", "error", "perplexity")
 
 
 def barrier_from_values(alphas: Sequence[float], values: Sequence[float]) -> float:
@@ -39,13 +42,18 @@ def _as_alphas(alphas: int | Sequence[float]) -> list[float]:
     return points
 
 
-def _metric_value(metric: Any, sums: EvalSums) -> float | None:
-    """Lower-is-better value of a metric: loss, error (None for a head without an error rule), or
+def _metric_value(metric: Any, sums: EvalSums, head: Head) -> float | None:
+    """Lower-is-better value of a metric: loss, error (None for a head without an error rule),
+    perplexity (exp of the loss; None for a head whose loss is no per-token cross-entropy), or
     1 - value of an evaluate metric."""
     if metric == "loss":
         return sums.loss
     if metric == "error":
         return sums.error
+    if metric == "perplexity":
+        if not head.perplexity_rule:
+            return None
+        return math.exp(sums.loss) if sums.loss < 700.0 else math.inf  # (math.exp raises past ~709)
     result = metric.compute(predictions=sums.predictions, references=sums.references)
     value = float(next(iter(result.values())))
     return 1.0 - value
@@ -71,7 +79,8 @@ def barriers(
     endpoints: tuple[EvalSums | None, EvalSums | None] = (None, None),
 ) -> dict[str, BarrierResult]:
     """Barriers of several metrics from one pass per interpolation point. A metric the head
-    cannot give (the error of a regression head) is left out of the result.
+    cannot give (the error of a regression head, the perplexity of a classifier) is left out of
+    the result.
 
     ``endpoints`` may hold already computed sums of ``a`` and ``b`` on ``data`` (the analyzer
     evaluates the parent once for all its children).
@@ -92,7 +101,7 @@ def barriers(
         sums.append(evaluator.evaluate(interpolator.set_alpha(alpha), data, keep_predictions=keep, head=head))
     results = {}
     for metric in metrics:
-        values = [_metric_value(metric, s) for s in sums]
+        values = [_metric_value(metric, s, head) for s in sums]
         if any(v is None for v in values):
             continue
         results[_metric_name(metric)] = BarrierResult(
@@ -118,8 +127,9 @@ def barrier(
     collate_fn: Any = None,
     evaluator: Evaluator | None = None,
 ) -> BarrierResult:
-    """The barrier of ``metric`` ("loss", "error", a shipped metric name or an evaluate module)
-    between ``a`` and ``b`` on ``data`` (a dataset of labelled feature dicts, or ``EvalData``)."""
+    """The barrier of ``metric`` ("loss", "error", "perplexity" for a language model, a shipped
+    metric name or an evaluate module) between ``a`` and ``b`` on ``data`` (a dataset of labelled
+    feature dicts, or ``EvalData``)."""
     if not isinstance(data, EvalData):
         data = EvalData(data, batch_size=batch_size, collate_fn=collate_fn)
     found = barriers(a, b, data, [metric], alphas, evaluator)

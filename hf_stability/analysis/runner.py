@@ -28,10 +28,11 @@ from .alignment import activation_matching, apply_permutation, permutation_spec,
 from .arguments import AlignmentMethod, AnalyzeArguments, Pairs, PeftPath
 from .distance import l2_between, l2_distance
 from .evaluation import EvalData, EvalSums, Evaluator
+from .heads import pipeline_task
 from .inputs import ChildInputs, RunInputs
 from .loading import load_run_data, load_run_model, run_collator
 from .noise_floor import compare_with_floor
-from .path_barriers import barriers
+from .path_barriers import BUILTIN_METRICS, barriers
 from .representations import compare_representations, resolve_readout
 from .schema import REPORT_SCHEMA_VERSION, Report
 
@@ -51,6 +52,9 @@ def _mean_std(values: list[float]) -> dict[str, Any]:
 
 def _scalars(pair: dict[str, Any]) -> dict[str, float | None]:
     out = {"l2": pair["l2"]["l2"], "relative_l2": pair["l2"]["relative"], "amplification": pair.get("amplification")}
+    merged = pair.get("merged_l2")
+    if merged:  # a PEFT study: l2 is the adapters', merged_l2 (and the aligned L2) the merged models'
+        out["merged_l2"] = merged["l2"]
     for split, metrics in pair["barriers"].items():
         for metric, result in metrics.items():
             out[f"{metric}_barrier_{split}"] = result["barrier"]
@@ -244,7 +248,7 @@ class _Analysis:
             else (name_a, name_b)
         result["barriers"] = {}
         for split, data in splits.items():
-            found = barriers(self.model(path_a), self.model(path_b), data, ("loss", "error"), args.alphas,
+            found = barriers(self.model(path_a), self.model(path_b), data, BUILTIN_METRICS, args.alphas,
                              self.evaluator, endpoints=(self.sums(path_a, split), self.sums(path_b, split)))
             result["barriers"][split] = {metric: r.to_dict() for metric, r in found.items()}
         seen_a, seen_b = self.merged(name_a), self.merged(name_b)
@@ -423,7 +427,7 @@ class _Analysis:
                 "perturbations": config["perturbations"],
                 "references": config.get("references", {}),
                 "model": model_class,
-                "task": "image-classification" if "Image" in (model_class or "") else "text-classification",
+                "task": pipeline_task(model_class),
                 "base_model": self.stability.get("base_model"),
                 "dataset_name": self.stability.get("dataset_name"),
             },
@@ -451,7 +455,7 @@ class _Analysis:
             "pooling": self.readout.pooling.value,
             "readout": self.readout.reason,
             "head": {"name": self.head.name, "loss": "the model's own loss from its labels",
-                     "error": self.head.error_rule},
+                     "error": self.head.error_rule, "perplexity": self.head.perplexity_rule},
             "batch_size": args.batch_size,
             "autocast": args.autocast.value,
             "num_processes": processes,

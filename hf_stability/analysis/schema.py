@@ -17,7 +17,7 @@ from typing import Any, Union
 from ..errors import ReportError
 from ..hints import setting
 
-REPORT_SCHEMA_VERSION = 6
+REPORT_SCHEMA_VERSION = 7
 
 
 @dataclass
@@ -197,6 +197,7 @@ class HeadSettings:
     name: str
     loss: str
     error: str | None
+    perplexity: str | None = None  # the rule of exp(loss) for a language model; None: the head has no perplexity
 
 
 @dataclass

@@ -24,7 +24,7 @@ FIGURES = {
     "divergence.png": "L2 distance to the parent during training, every child",
     "divergence_normalized.png": "The same distance divided by the L2 of each child's perturbation",
     "amplification_vs_spawn_step.png": "Amplification (final L2 / perturbation L2) of every child, by spawn step",
-    "metric_along_alpha.png": "Eval loss and error along the linear path",
+    "metric_along_alpha.png": "Eval loss and error (a language model: and perplexity) along the linear path",
     "cka_per_layer.png": "Linear CKA between parent and children, per layer",
 }
 

@@ -217,13 +217,20 @@ def plot_barrier_vs_size(report: Report, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+#: The y label of each metric along the path.
+ALONG_PATH = {"loss": "eval loss (mean cross-entropy, nats)", "error": "eval error (fraction wrong)",
+              "perplexity": "eval perplexity (exp of the mean next-token loss)"}
+
+
 def plot_metric_along_alpha(report: Report, path: Path) -> Path:
-    """Eval loss and error along the linear path, mean over each spawn step's children."""
+    """Eval loss and error (and a language model's perplexity) along the linear path, mean over
+    each spawn step's children."""
     plt = _pyplot()
     steps = report.run.spawn_steps
     colors = plt.cm.viridis([i / max(1, len(steps) - 1) for i in range(len(steps))])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, (metric, _) in zip(axes, METRICS):
+    metrics = ["loss", "error"] + (["perplexity"] if report.settings.head.perplexity is not None else [])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2))
+    for ax, metric in zip(axes, metrics):
         if _no_rule(ax, report, metric):
             continue
         for color, t in zip(colors, steps):
@@ -235,7 +242,7 @@ def plot_metric_along_alpha(report: Report, path: Path) -> Path:
             mean = [statistics.fmean(values) for values in zip(*curves)]
             ax.plot(alphas, mean, marker=".", color=color, label=f"t = {t}")
         ax.set_xlabel("interpolation alpha (0 = parent, 1 = child)")
-        ax.set_ylabel("eval loss (mean cross-entropy, nats)" if metric == "loss" else "eval error (fraction wrong)")
+        ax.set_ylabel(ALONG_PATH[metric])
         ax.set_title(f"Eval {metric} along the path (mean over children)")
         ax.legend(title="spawn step", fontsize=8)
     fig.tight_layout()

@@ -34,10 +34,12 @@ def render_table(columns: list[Column], rows: list[list[str]], markdown: bool = 
 #: The summary's figures: (column title, key of the summary row's figures); aligned ones only with alignment.
 SUMMARY_FIGURES = (
     ("L2 to parent", "l2"),
+    ("L2 merged", "merged_l2"),
     ("L2 aligned", "aligned_l2"),
     ("loss barrier (eval)", "loss_barrier_eval"),
     ("loss barrier aligned", "aligned_loss_barrier_eval"),
     ("error barrier (eval)", "error_barrier_eval"),
+    ("perplexity barrier (eval)", "perplexity_barrier_eval"),
     ("disagreement", "disagreement"),
     ("amplification", "amplification"),
 )
@@ -45,9 +47,17 @@ SUMMARY_FIGURES = (
 
 def summary_table(report: Report, markdown: bool = False) -> str:
     """Per spawn step, the control (the noise floor) and the perturbed children (mean +- std,
-    whether they end in another basin, how many cannot be told from the floor)."""
+    whether they end in another basin, how many cannot be told from the floor). Aligned figures
+    only with alignment, the perplexity barrier only for a language model. A PEFT study's L2 is
+    the adapters'; its merged models' L2 stands beside it, and the aligned L2 (of the merged
+    models, which alignment permutes) is to be read against that one."""
     aligned = report.settings.alignment.method != "none"
-    figures = [(title, key) for title, key in SUMMARY_FIGURES if aligned or not key.startswith("aligned_")]
+    perplexity = report.settings.head.perplexity is not None
+    peft = report.settings.peft is not None
+    titles = {"l2": "L2 to parent (adapter)", "aligned_l2": "L2 aligned (merged)"} if peft else {}
+    figures = [(titles.get(key, title), key) for title, key in SUMMARY_FIGURES
+               if (aligned or not key.startswith("aligned_")) and (perplexity or not key.startswith("perplexity_"))
+               and (peft or key != "merged_l2")]
     columns = [Column("spawn step"), Column("who", left=True)] + [Column(title) for title, _ in figures]
     columns.append(Column("at the floor"))
     separated = {(f.spawn_step, f.group): f.separated for f in spawn_findings(report)}

@@ -4,6 +4,8 @@ arguments separately, as transformers' run_glue does.
 
 - text_classification.py: ``TextModelArguments``, ``TextDataArguments``, ``build_text_classification_trainer``
 - image_classification.py: ``ImageModelArguments``, ``ImageDataArguments``, ``build_image_classification_trainer``
+- causal_lm.py: ``CausalModelArguments``, ``CompletionDataArguments``, ``build_causal_lm_trainer``
+- decoder_pretraining.py: ``DecoderArguments``, ``CorpusArguments``, ``build_pretraining_trainer``
 - demo.py: ``DemoArguments`` and its presets (``hf-stability demo``)
 - recipe.py: ``RecipeAnalysisArguments``, ``parse_args`` (a config file and flags), ``run_study``
 """
@@ -21,6 +23,12 @@ _EXPORTS = {
     "build_image_classification_trainer": ".image_classification",
     "build_image_model": ".image_classification",
     "load_image_splits": ".image_classification",
+    "CausalModelArguments": ".causal_lm",
+    "CompletionDataArguments": ".causal_lm",
+    "build_causal_lm_trainer": ".causal_lm",
+    "DecoderArguments": ".decoder_pretraining",
+    "CorpusArguments": ".decoder_pretraining",
+    "build_pretraining_trainer": ".decoder_pretraining",
     "DemoArguments": ".demo",
     "run_demo": ".demo",
     "RecipeAnalysisArguments": ".recipe",

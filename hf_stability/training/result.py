@@ -21,10 +21,14 @@ class ButterflyResult:
     parent_metrics: dict[str, float]
     children: list[ChildSummary] = field(default_factory=list)
 
-    def format_table(self, metric: str = "eval_accuracy") -> str:
+    def format_table(self, metric: str | None = None) -> str:
         """A plain-text table: spawn step, child, final L2 to parent, the amplification (final L2 /
-        L2 of the perturbation itself; n/a for the control) and the chosen eval metric."""
+        L2 of the perturbation itself; n/a for the control) and the chosen eval metric (default:
+        eval_accuracy where the Trainer computed it, else eval_loss, as a language model's)."""
         from ..report.table import Column, render_table
+
+        if metric is None:
+            metric = "eval_accuracy" if "eval_accuracy" in self.parent_metrics else "eval_loss"
 
         columns = [Column("spawn step"), Column("child", left=True), Column("final L2 to parent"),
                    Column("amplification"), Column(metric)]
