@@ -138,3 +138,38 @@ def test_memory_estimate_reads_the_shape_of_text_and_vision_transformers():
     bert = tiny_bert(0)
     assert _activation_shape(bert) == (bert.config.hidden_size, bert.config.num_hidden_layers,
                                        bert.config.max_position_embeddings)
+
+
+def test_parallel_children_takes_a_count_or_auto_from_python_and_flags():
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((StabilityArguments,))
+    assert parser.parse_args_into_dataclasses(["--parallel_children", "auto"])[0].parallel_children == "auto"
+    assert parser.parse_args_into_dataclasses(["--parallel_children", "3"])[0].parallel_children == 3
+    assert StabilityArguments(parallel_children="AUTO").parallel_children == "auto"
+    assert StabilityArguments(parallel_children=4).children_at_once == 4
+    assert StabilityArguments(parallel_children="auto").children_at_once == 1  # until the study chooses
+    for bad in (0, "two", 1.5, True, "-2"):
+        with pytest.raises(HfStabilityError, match="parallel_children must be a count >= 1 or 'auto'"):
+            StabilityArguments(parallel_children=bad)
+
+
+def test_auto_parallel_children_stacks_what_fits_and_else_trains_one_child_at_a_time(tmp_path, caplog):
+    import logging
+
+    stability = dict(spawn_steps=[4], num_children=2)
+    with caplog.at_level(logging.INFO, logger="hf_stability.training.stacked"):
+        run = _study(tmp_path / "auto", "auto", max_steps=8, stability=stability).run_dir
+    # a tiny BERT fits many times over: the control and both children of the step train as one stack
+    assert "parallel_children=auto: 3 children at a time" in caplog.text
+    config = json.loads((run / "stability_config.json").read_text())
+    assert config["stacked_numerics"] is True and config["stability_arguments"]["parallel_children"] == "auto"
+    assert _relative(run / "parent/final", run / "children/t4/c0/final") < 1e-6
+    # SGD is not elementwise, so children cannot be stacked: "auto" trains them one after the other (an
+    # explicit parallel_children=2 is refused: test_what_stacked_children_cannot_do_is_refused_before_training)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hf_stability.training.stacked"):
+        run = _study(tmp_path / "sgd", "auto", max_steps=8, optim="sgd", stability=stability).run_dir
+    assert "parallel_children=auto trains the children one after the other: optim='sgd'" in caplog.text
+    assert json.loads((run / "stability_config.json").read_text())["stacked_numerics"] is False
+    assert _relative(run / "parent/final", run / "children/t4/c0/final") == 0.0

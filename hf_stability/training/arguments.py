@@ -10,6 +10,15 @@ from ..errors import SpawnStepError, StudyArgumentsError
 from ..hints import setting
 from ..perturb import REFERENCE_KINDS, RNG_KINDS, PerturbationConfig, PerturbationKind, ScaleMode
 
+#: parallel_children's value that lets the study choose K from the free memory.
+AUTO = "auto"
+
+
+class ChildrenAtOnce(str):
+    """The command-line type of ``parallel_children``: a count ("4") or "auto". HfArgumentParser
+    hands a flag's text to it; StabilityArguments turns the value into an int or "auto" (in
+    Python, pass an int or "auto")."""
+
 
 @dataclass
 class StabilityArguments:
@@ -101,10 +110,11 @@ class StabilityArguments:
     analysis_eval_samples: int | None = field(
         default=None, metadata={"help": "Evaluation examples saved in RUN/data/eval (default: all)."}
     )
-    parallel_children: int = field(
+    parallel_children: ChildrenAtOnce = field(
         default=1,
         metadata={"help": "Train up to this many children of one spawn step together on one device, as one "
-                  "stacked model (torch.func.vmap); 1 trains them one after the other. See docs/parallel_children.md."},
+                  "stacked model (torch.func.vmap); 1 trains them one after the other; auto: as many as fit in "
+                  "the device's free memory. See docs/parallel_children.md."},
     )
     deterministic: bool = field(
         default=False,
@@ -135,8 +145,7 @@ class StabilityArguments:
         self.spawn_steps = sorted(set(steps))
         if self.num_children < 0:
             raise StudyArgumentsError(f"num_children must be >= 0, got {self.num_children}.")
-        if self.parallel_children < 1:
-            raise StudyArgumentsError(f"parallel_children must be >= 1, got {self.parallel_children}.")
+        self.parallel_children = _children_at_once(self.parallel_children)
         if self.num_children == 0 and not self.control_child and self.reference_children == 0:
             raise StudyArgumentsError("No child to train: set num_children >= 1, control_child=True or "
                                       "reference_children >= 1.")
@@ -216,18 +225,37 @@ class StabilityArguments:
         """The children of spawn step ``t`` (another initialisation is a child of step 0 only)."""
         return [k for k, (_, at_init) in self._layout().items() if t == 0 or not at_init]
 
+    @property
+    def children_at_once(self) -> int:
+        """How many children train together: ``parallel_children``, or for "auto" the K the
+        study chose before training (``choose_children_at_once``; 1 until then)."""
+        if self.parallel_children == AUTO:
+            return getattr(self, "_chosen_children_at_once", 1)
+        return int(self.parallel_children)
+
+    def choose_children_at_once(self, k: int) -> None:
+        """Record the K that ``parallel_children="auto"`` came to (training/stacked.py chooses it)."""
+        if self.parallel_children != AUTO:
+            raise StudyArgumentsError(f"parallel_children is {self.parallel_children}, not {AUTO!r}: nothing to "
+                                      "choose.")
+        self._chosen_children_at_once = max(1, int(k))
+
+    def stackable_children(self, t: int, width: int | None = None) -> list[int]:
+        """The children of spawn step ``t`` that may train stacked (at ``width`` at a time, default
+        ``children_at_once``). A child with its own data order or dropout stream always trains
+        alone (a stacked model sees one), and so does the control of a deterministic study
+        (bitwise its parent; a stacked child is within rounding of itself alone)."""
+        layout, width = self._layout(), self.children_at_once if width is None else width
+        return [k for k in self.children_at(t)
+                if not (layout[k][0].kind in RNG_KINDS or (k == 0 and self.control_child and self.deterministic
+                                                            and width > 1))]
+
     def child_groups(self, t: int) -> list[list[int]]:
-        """The children of spawn step ``t`` in the groups that train together (``parallel_children``
-        at a time, in index order; groups of one train alone). A child with its own data order or
-        dropout stream always trains alone (a stacked model sees one), and so does the control of a
-        deterministic study (bitwise its parent; a stacked child is within rounding of itself alone)."""
-        layout, width = self._layout(), self.parallel_children
-        # with deterministic kernels the control trains alone too, so that it stays bitwise its parent
-        apart = [k for k in self.children_at(t)
-                 if layout[k][0].kind in RNG_KINDS or (k == 0 and self.control_child and self.deterministic
-                                                       and width > 1)]
-        stackable = [k for k in self.children_at(t) if k not in apart]
-        alone = [[k] for k in apart]
+        """The children of spawn step ``t`` in the groups that train together (``children_at_once``
+        at a time, in index order; groups of one train alone: see ``stackable_children``)."""
+        width = self.children_at_once
+        stackable = self.stackable_children(t)
+        alone = [[k] for k in self.children_at(t) if k not in stackable]
         return [stackable[i : i + width] for i in range(0, len(stackable), width)] + alone
 
     def config_for_child(self, child: int) -> PerturbationConfig:
@@ -260,3 +288,17 @@ class StabilityArguments:
         if unknown:
             raise StudyArgumentsError(f"unknown stability arguments {unknown}")
         return cls(**values)
+
+
+def _children_at_once(value: Any) -> int | str:
+    """``parallel_children`` as given (an int, its text, or "auto") -> an int >= 1 or "auto"."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    count = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        count = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        count = int(value)
+    if count is None or count < 1:
+        raise StudyArgumentsError(f"parallel_children must be a count >= 1 or {AUTO!r}, got {value!r}.")
+    return count

@@ -99,6 +99,6 @@ def run_config(trainer: Any, max_steps: int) -> dict[str, Any]:
         "versions": library_versions(),
         "hardware": hardware_record(trainer.args.device),
         # made for stacked children: every model trains with their dropout (and, on CUDA, attention)
-        "stacked_numerics": stability.parallel_children > 1,
+        "stacked_numerics": stability.children_at_once > 1,
         "identity": identity,
     }

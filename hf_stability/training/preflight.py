@@ -13,6 +13,7 @@ from ..adapters import is_peft_model
 from ..errors import NoMatchingParametersError, SpawnStepError, StudySetupError
 from ..perturb import WEIGHT_KINDS, ScaleMode, init_scales, select_parameters
 from ..perturb.rng import preserve_global_rng
+from .arguments import AUTO
 from .stacked import check_parallel_children
 
 logger = logging.getLogger(__name__)
@@ -57,12 +58,12 @@ def check_study(trainer: Any) -> int:
     if trainer.train_dataset is None:
         raise StudySetupError("butterfly() needs a train_dataset.")
     check_model_can_be_analysed(trainer.model)
-    if stability.deterministic and stability.parallel_children > 1:
-        logger.info("deterministic=True with parallel_children=%d: the control child trains alone (bitwise equal to "
-                    "its parent); the stacked children run batched kernels, within rounding of each trained alone "
-                    "(docs/parallel_children.md).", stability.parallel_children)
-    if stability.parallel_children > 1:
-        check_parallel_children(trainer)
+    if stability.parallel_children == AUTO or stability.children_at_once > 1:
+        check_parallel_children(trainer)  # (for "auto": chooses how many children train at once)
+    if stability.deterministic and stability.children_at_once > 1:
+        logger.info("deterministic=True with %d children at a time: the control child trains alone (bitwise equal "
+                    "to its parent); the stacked children run batched kernels, within rounding of each trained alone "
+                    "(docs/parallel_children.md).", stability.children_at_once)
     check_perturbation(trainer.model, stability)
     initialisations = [k for k in stability.child_indices() if stability.config_for_child(k).kind == "init_seed"]
     if initialisations and trainer.model_init is None:

@@ -23,6 +23,7 @@ import copy
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ from ..errors import RunDirectoryError, StudySetupError
 from ..hints import setting
 from ..perturb import PerturbationKind, perturb_model
 from ..run_directory import OPTIMIZER_NAME
+from .arguments import AUTO
 
 if TYPE_CHECKING:
     from ..run_directory import RunDirectory
@@ -229,20 +231,17 @@ def clip_per_child(model: StackedModel, max_norm: float | None) -> float:
 
 
 # ---- policy -------------------------------------------------------------------------------------
-def check_parallel_children(trainer: Any) -> None:
-    """Refuse, before anything trains, what stacked children cannot do as children alone would.
-
-    Raises:
-        StudySetupError: the set-up needs children one at a time, or the stack does not fit.
-    """
+def _stacking_problems(trainer: Any) -> list[str]:
+    """What in this set-up stacked children cannot do as children alone would (empty: nothing)."""
     from transformers import Trainer
 
-    stability, args = trainer.stability_args, trainer.args
+    args = trainer.args
     problems = []
     if args.world_size > 1:
         problems.append("it runs on one device (this run has several processes)")
-    if str(getattr(args.optim, "value", args.optim)) not in ELEMENTWISE_OPTIMIZERS:
-        problems.append(f"optim={args.optim!r}: only AdamW ({', '.join(ELEMENTWISE_OPTIMIZERS)}) is elementwise, "
+    optim = str(getattr(args.optim, "value", args.optim))
+    if optim not in ELEMENTWISE_OPTIMIZERS:
+        problems.append(f"optim={optim!r}: only AdamW ({', '.join(ELEMENTWISE_OPTIMIZERS)}) is elementwise, "
                         "so that one optimizer over the stacked tensors is one optimizer per child")
     for flag in ("gradient_checkpointing", "torch_compile", "deepspeed", "fsdp"):
         if getattr(args, flag, None):
@@ -253,11 +252,11 @@ def check_parallel_children(trainer: Any) -> None:
                         "which stacked children are clipped and resumed; upgrade transformers")
     if trainer.compute_loss_func is not None or type(trainer).compute_loss is not Trainer.compute_loss:
         problems.append("a custom loss (compute_loss_func or an overridden compute_loss) sees all children at once")
-    if problems:
-        raise StudySetupError(
-            f"parallel_children={stability.parallel_children} cannot be used here: " + "; ".join(problems)
-            + ". Set parallel_children=1 to train the children one after the other."
-        )
+    return problems
+
+
+def _memory(trainer: Any) -> tuple[Callable[[int], int], int]:
+    """(the estimated peak bytes of K stacked children, as a function of K; the free bytes of the device)."""
     model = trainer.model if trainer.model is not None else trainer.call_model_init()
     seq_len = None
     try:  # the real sequence length of a batch, for the activations' share of the estimate
@@ -265,14 +264,56 @@ def check_parallel_children(trainer: Any) -> None:
         seq_len = int(first["input_ids"].shape[-1]) if "input_ids" in first else None
     except (StopIteration, KeyError, TypeError, AttributeError):
         pass
-    need = estimate_bytes(model, stability.parallel_children, args, seq_len)
-    have = available_bytes(args.device)
-    if need > 0.9 * have:
+    return (lambda k: estimate_bytes(model, k, trainer.args, seq_len)), available_bytes(trainer.args.device)
+
+
+def check_parallel_children(trainer: Any) -> None:
+    """Refuse, before anything trains, what stacked children cannot do as children alone would;
+    for ``parallel_children="auto"``, choose K instead (``choose_children_at_once``).
+
+    Raises:
+        StudySetupError: the set-up needs children one at a time, or the stack does not fit.
+    """
+    stability = trainer.stability_args
+    if stability.parallel_children == AUTO:
+        choose_children_at_once(trainer)
+        return
+    problems = _stacking_problems(trainer)
+    if problems:
         raise StudySetupError(
-            f"parallel_children={stability.parallel_children} needs about {need / 2**30:.1f} GiB on {args.device} "
+            f"parallel_children={stability.parallel_children} cannot be used here: " + "; ".join(problems)
+            + ". Set parallel_children=1 to train the children one after the other."
+        )
+    need, have = _memory(trainer)
+    if need(stability.parallel_children) > 0.9 * have:
+        raise StudySetupError(
+            f"parallel_children={stability.parallel_children} needs about "
+            f"{need(stability.parallel_children) / 2**30:.1f} GiB on {trainer.args.device} "
             f"(weights, gradients and AdamW state of every child plus one batch of activations each), and "
             f"{have / 2**30:.1f} GiB are free. Lower parallel_children or the batch size."
         )
+
+
+def choose_children_at_once(trainer: Any) -> int:
+    """``parallel_children="auto"``: the largest K, up to the most children a spawn step can
+    stack, whose estimated peak (``estimate_bytes``) fits in 90% of the device's free memory; 1
+    (children one after the other) where this set-up cannot stack children, with the reason in
+    the log. Records K on the arguments (``children_at_once``) and returns it."""
+    stability = trainer.stability_args
+    problems = _stacking_problems(trainer)
+    # (width 2: the children that may stack once any do; a deterministic study's control never does)
+    most = max(len(stability.stackable_children(t, width=2)) for t in stability.spawn_steps)
+    chosen = 1
+    if problems:
+        logger.info("parallel_children=auto trains the children one after the other: %s.", "; ".join(problems))
+    elif most > 1:
+        need, have = _memory(trainer)
+        chosen = max([k for k in range(1, most + 1) if need(k) <= 0.9 * have] or [1])
+        logger.info("parallel_children=auto: %d children at a time (about %.1f GiB of the %.1f GiB free on %s; a "
+                    "spawn step has at most %d to stack).", chosen, need(chosen) / 2**30, have / 2**30,
+                    trainer.args.device, most)
+    stability.choose_children_at_once(chosen)
+    return chosen
 
 
 # ---- mechanism ----------------------------------------------------------------------------------
