@@ -170,8 +170,12 @@ def test_the_completion_study_cuts_prompts_to_fit_loads_a_bf16_base_and_refuses_
         CompletionDataArguments,
         build_causal_lm_trainer,
         encode_completion,
+        ready_tokenizer,
     )
 
+    padless = _tokenizer()
+    padless.pad_token = None  # as GPT-2's and Llama's tokenizers come: it pads with its end token
+    assert ready_tokenizer(padless).pad_token_id == padless.sep_token_id
     tokenizer = _tokenizer()
     row = encode_completion(tokenizer, "a long prompt " * 20, " positive", max_length=12, completion_only=True)
     assert len(row["input_ids"]) == 12 and row["input_ids"][0] == tokenizer.cls_token_id

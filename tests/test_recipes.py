@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,7 +97,9 @@ def test_pretrain_a_small_llama_then_fine_tune_it_with_lora_and_fully(tmp_path):
              *TINY_ANALYSIS]
     for peft in ("lora", "none"):
         run_dir = tmp_path / peft
-        _run([*study, "--peft", peft, "--output_dir", str(run_dir)])
+        out = _run([*study, "--peft", peft, "--output_dir", str(run_dir)])
+        # the study's table shows the eval loss: a language model has no eval_accuracy
+        assert re.search(r"final L2 to parent\s+amplification\s+eval_loss", out)
         report = _check_study(run_dir)
         assert report["run"]["task"] == "text-generation" and report["run"]["base_model"] is None  # (a local model)
         assert report["settings"]["head"]["name"] == "causal language model"

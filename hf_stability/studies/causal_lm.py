@@ -23,7 +23,7 @@ from ..data.hub import load_named
 from ..errors import StudyArgumentsError
 from ..training import StabilityArguments, StabilityTrainer
 from .adapters import AdapterArguments
-from .text_classification import OFFLINE_DATASETS, TextDataArguments, load_text_splits
+from .text_classification import TextDataArguments, hub_dataset_name, load_train_and_eval
 
 logger = logging.getLogger(__name__)
 
@@ -116,19 +116,10 @@ def encode_completion(tokenizer: Any, prompt: str, answer: str, max_length: int,
             "labels": [IGNORE_INDEX] * masked + (prompt_ids + answer_ids)[masked:]}
 
 
-def _label_names(dataset: Any, column: str) -> list[str] | None:
-    return getattr(dataset.features[column], "names", None)
-
-
 def load_completions(data_args: CompletionDataArguments, tokenizer: Any) -> tuple[Any, Any]:
     """The train and eval splits of ``data_args.dataset`` as tokenised completions."""
-    splits = load_text_splits(data_args)
-    train, evaluation = splits["train"], splits[data_args.eval_split]
-    if data_args.max_train_samples is not None:
-        train = train.select(range(min(data_args.max_train_samples, len(train))))
-    if data_args.max_eval_samples is not None:
-        evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
-    names = _label_names(train, data_args.label_column)
+    train, evaluation = load_train_and_eval(data_args)
+    names = getattr(train.features[data_args.label_column], "names", None)  # a ClassLabel's; else the labels as is
 
     def encode(batch):
         pairs = zip(batch[data_args.text_column], batch[data_args.label_column])
@@ -168,12 +159,8 @@ def build_causal_lm_trainer(
         return adapter.wrap(model, "CAUSAL_LM")
 
     name = model_args.model_name_or_path
-    card = replace(
-        stability,
-        base_model=stability.base_model or (None if Path(name).exists() else name),
-        dataset_name=stability.dataset_name or (
-            None if data_args.dataset in OFFLINE_DATASETS or Path(data_args.dataset).exists() else data_args.dataset),
-    )
+    card = replace(stability, base_model=stability.base_model or (None if Path(name).exists() else name),
+                   dataset_name=hub_dataset_name(data_args, stability))
     return StabilityTrainer(
         model_init=model_init,
         args=training,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from datasets import DatasetDict
+from datasets import Dataset, DatasetDict
 from transformers import AutoConfig, AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments
 
 from ..data import load_drug_reviews, load_tokenizer, load_tweet_sentiment, resolve_model
@@ -68,11 +68,14 @@ def _card_metadata(model_args: TextModelArguments, data_args: TextDataArguments,
     base_model = None if model_args.random_init else stability.base_model or (
         MINILM_HUB_ID if model in ("", "minilm") else None if Path(model).exists() else model
     )
+    return replace(stability, base_model=base_model, dataset_name=hub_dataset_name(data_args, stability))
+
+
+def hub_dataset_name(data_args: TextDataArguments, stability: StabilityArguments) -> str | None:
+    """The report card's dataset_name: the one given, else the dataset when it is a Hub name
+    (None for the offline sets and local folders)."""
     dataset = data_args.dataset
-    dataset_name = stability.dataset_name or (
-        None if dataset in OFFLINE_DATASETS or Path(dataset).exists() else dataset
-    )
-    return replace(stability, base_model=base_model, dataset_name=dataset_name)
+    return stability.dataset_name or (None if dataset in OFFLINE_DATASETS or Path(dataset).exists() else dataset)
 
 
 def load_text_splits(args: TextDataArguments) -> DatasetDict:
@@ -91,6 +94,18 @@ def load_text_splits(args: TextDataArguments) -> DatasetDict:
     return splits
 
 
+def load_train_and_eval(args: TextDataArguments) -> tuple[Dataset, Dataset]:
+    """The train and eval splits of ``args.dataset`` (load_text_splits), cut to
+    max_train_samples / max_eval_samples."""
+    splits = load_text_splits(args)
+    train, evaluation = splits["train"], splits[args.eval_split]
+    if args.max_train_samples is not None:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    if args.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
+    return train, evaluation
+
+
 def build_text_classification_trainer(
     model_args: TextModelArguments,
     data_args: TextDataArguments,
@@ -101,12 +116,7 @@ def build_text_classification_trainer(
     """Tokenise the data and return a StabilityTrainer whose model_init seeds the new classifier head
     (with ``adapter``: and puts a PEFT adapter on the model)."""
     adapter = adapter or AdapterArguments()
-    splits = load_text_splits(data_args)
-    train, evaluation = splits["train"], splits[data_args.eval_split]
-    if data_args.max_train_samples is not None:
-        train = train.select(range(min(data_args.max_train_samples, len(train))))
-    if data_args.max_eval_samples is not None:
-        evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+    train, evaluation = load_train_and_eval(data_args)
     label_feature = train.features[data_args.label_column]
     label_names = getattr(label_feature, "names", None)
     to_id = None
