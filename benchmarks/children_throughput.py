@@ -5,10 +5,12 @@ one after the other (parallel_children=1) and K at a time as one stacked model (
 The parent is trained once for K = 1 and once for the stacked settings (a run created with
 parallel_children > 1 trains every model with stacked children's dropout and, on CUDA, eager
 attention: docs/parallel_children.md); each setting then trains only the children. Reports wall time,
-child-steps per second, the ratio to sequential and peak GPU memory. Prints and writes JSON.
+child-steps per second, the ratio to sequential and peak GPU memory. --profile writes a
+torch.profiler table of one training step of 8 stacked children (forward, backward, fused AdamW,
+under the run's precision) beside the JSON. Prints and writes JSON.
 
     python benchmarks/children_throughput.py [--steps 60] [--batch 32] [--seq-len 128] [--bf16 | --tf32]
-        [--ks 1,4,8,16] [--output FILE]
+        [--ks 1,4,8,16] [--profile] [--output FILE]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from profile_table import device_name, write_profile
 from report import emit
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
@@ -42,6 +45,32 @@ def _model() -> BertForSequenceClassification:
                                                     intermediate_size=1536, num_labels=3))
 
 
+def profile_stacked_step(k: int, args: argparse.Namespace, path: Path) -> None:
+    """A torch.profiler table of one training step of ``k`` stacked children (after two warm-up steps)."""
+    from hf_stability.training.stacked import StackedModel, use_eager_attention
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    stacked = StackedModel([_model() for _ in range(k)]).to(device).train()
+    use_eager_attention(stacked.template)
+    optimizer = torch.optim.AdamW(stacked.parameters(), lr=1e-4, fused=device == "cuda")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 30000, (args.batch, args.seq_len), generator=g).to(device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "labels": torch.randint(0, 3, (args.batch,), generator=g).to(device)}
+
+    def step() -> None:
+        with torch.autocast(device, torch.bfloat16, enabled=args.bf16):
+            loss = stacked(**batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(), step()
+    precision = "bf16 autocast" if args.bf16 else "tf32" if args.tf32 else "fp32"
+    write_profile(step, path, f"One training step of {k} stacked MiniLM-shaped children (batch {args.batch} x "
+                  f"{args.seq_len} tokens, {precision}) on {device_name()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60)
@@ -50,8 +79,11 @@ def main() -> None:
     parser.add_argument("--ks", default="1,4,8,16")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--tf32", action="store_true", help="TF32 matmuls (TrainingArguments.tf32)")
+    parser.add_argument("--profile", action="store_true", help="write a profile of one stacked step (needs --output)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
     train, test = _data(args.batch * args.steps, args.seq_len, 0), _data(256, args.seq_len, 1)
     roots = {stacked: Path(tempfile.mkdtemp(prefix="children-throughput-")) for stacked in (False, True)}
     children, rows = 16, []
@@ -103,6 +135,8 @@ def main() -> None:
               "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "bf16": args.bf16, "tf32": args.tf32,
               "runs": rows}
     emit(result, args.output)
+    if args.profile and args.output:
+        profile_stacked_step(8, args, Path(args.output).with_name(f"{Path(args.output).stem}_profile.txt"))
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ DIVERGENCE_NAME = "divergence.jsonl"
 DIVERGED_NAME = "diverged.json"
 COLLATOR_NAME = "collator.json"
 REPORT_NAME = "report.json"
+TIMINGS_NAME = "timings.json"
 CARD_NAME = "README.md"
 _CHECKPOINT_PREFIX = "checkpoint-"
 _STEP_PREFIX = "step-"
@@ -334,6 +335,11 @@ class RunDirectory:
     @property
     def report_file(self) -> Path:
         return self.analysis_dir / REPORT_NAME
+
+    @property
+    def timings_file(self) -> Path:
+        """The wall time of each stage of the last analysis (analysis/timing.py)."""
+        return self.analysis_dir / TIMINGS_NAME
 
     @property
     def plots_dir(self) -> Path:

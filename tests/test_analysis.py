@@ -1,5 +1,6 @@
 """hf_stability.analysis: exact measures, 1 and 2 processes alike, clear errors."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -114,6 +115,62 @@ def test_interpolation_is_exact_at_the_ends_and_linear_in_between(models_and_dat
     name = "bert.encoder.layer.1.output.dense.weight"
     expected = 0.75 * a.get_parameter(name) + 0.25 * b.get_parameter(name)
     assert torch.allclose(middle.get_parameter(name), expected, atol=1e-7)
+
+
+def test_a_bf16_buffer_holds_the_fp32_path_rounded_once(models_and_data):
+    a, b, _ = models_and_data
+    interpolator = Interpolator(a, b, dtype=torch.bfloat16)
+    assert a.get_parameter("classifier.weight").dtype == torch.float32  # the endpoints are untouched
+    for alpha, reference in ((0.0, a), (1.0, b)):
+        model = interpolator.set_alpha(alpha)
+        assert all(torch.equal(p, reference.get_parameter(n).to(torch.bfloat16)) for n, p in model.named_parameters())
+    model = interpolator.set_alpha(0.3)
+    for name, p in model.named_parameters():
+        expected = torch.lerp(a.get_parameter(name), b.get_parameter(name), 0.3).to(torch.bfloat16)
+        assert p.dtype == torch.bfloat16 and torch.equal(p, expected), name
+
+
+def _bf16_loss_in_fp32(model, data):
+    """The mean float32 cross-entropy of a bf16 copy's logits over ``data`` (batch by batch)."""
+    cast, total = copy.deepcopy(model).to(torch.bfloat16).eval(), 0.0
+    with torch.no_grad():
+        for i in range(data.num_batches):
+            batch = data.batch(i)
+            logits = cast(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            total += float(torch.nn.functional.cross_entropy(logits.float(), batch["labels"]).double()) * len(logits)
+    return total / len(data)
+
+
+def test_bf16_full_evaluates_the_bf16_weights_with_a_float32_loss(models_and_data, caplog):
+    from hf_stability.analysis import Evaluator
+    from hf_stability.analysis.arguments import Autocast
+
+    a, b, data = models_and_data
+    full = Autocast("bf16_full")
+    evaluator = Evaluator(device="cpu", autocast_dtype=full.dtype, weights_dtype=full.weights_dtype, progress=False)
+    plain = Evaluator(device="cpu", progress=False)
+    ours, cast = evaluator.evaluate(a, data), plain.evaluate(copy.deepcopy(a).to(torch.bfloat16), data)
+    assert a.get_parameter("classifier.weight").dtype == torch.float32  # evaluated on a cast copy
+    assert (ours.wrong, ours.judged) == (cast.wrong, cast.judged)  # the bf16 model's predictions
+    # the loss of the bf16 model's logits in float32, not the model's bf16-rounded loss
+    assert ours.loss == pytest.approx(_bf16_loss_in_fp32(a, data), rel=1e-9) and ours.loss != cast.loss
+    assert ours.loss != plain.evaluate(a, data).loss  # nor the fp32 model's
+    # along the path: every point (the endpoints too) is the bf16-rounded fp32 interpolation
+    found = barrier(a, b, data, "loss", alphas=3, evaluator=evaluator)
+    assert found.values == pytest.approx([_bf16_loss_in_fp32(m, data) for m in (a, interpolate(a, b, 0.5), b)],
+                                         rel=1e-9)
+
+    class SmoothedBertForSequenceClassification(type(a)):  # its loss is not the plain cross-entropy
+        def forward(self, **inputs):
+            out = super().forward(**inputs)
+            out.loss = out.loss * 1.1
+            return out
+
+    smoothed = SmoothedBertForSequenceClassification(a.config)
+    smoothed.load_state_dict(a.state_dict())
+    with caplog.at_level("WARNING", logger="hf_stability.analysis.evaluation"):
+        own = evaluator.evaluate(smoothed, data)
+    assert own.loss == pytest.approx(1.1 * cast.loss, rel=1e-2) and "the model's own loss" in caplog.text
 
 
 def test_l2_equals_a_direct_torch_sum(models_and_data):
@@ -236,6 +293,16 @@ def test_analyze_run_writes_a_report_with_every_child_and_the_floor(analysed_stu
     assert all(row["indistinguishable_from_floor"] == 0 for row in saved["summary"])
     perturbation = {(d["spawn_step"], d["child"]): d["perturbation_l2"] for d in saved["divergence"]}
     assert perturbation[(0, 0)] == 0.0 and perturbation[(0, 1)] > 0
+    # the wall time of each stage, beside the report
+    timings = json.loads((run / "analysis" / "timings.json").read_text())
+    assert timings["pairs_measured"] == len(saved["pairs"]) and timings["pairs_reused"] == 0
+    stages = timings["stages"]
+    assert {"load and collate data", "load models", "evaluate endpoints", "L2", "barriers", "aligned barriers",
+            "alignment (weight matching)", "CKA and disagreement", "report"} <= set(stages)
+    assert stages["barriers"]["calls"] == 2 * len(saved["pairs"])  # eval and train, per pair
+    assert timings["slowest_stage"] == max(stages, key=lambda name: stages[name]["seconds"])
+    assert 0 < sum(entry["seconds"] for entry in stages.values()) <= timings["analysis_s"]
+    assert 0 < timings["startup_s"]  # process start to the first model load (Linux)
 
 
 def test_an_analysis_is_reused_until_its_arguments_or_models_change(analysed_study, tmp_path, caplog):
@@ -409,3 +476,23 @@ def test_a_run_that_pads_with_a_tokenizer_it_did_not_save_in_final_is_analysed(t
     (out / "data" / "manifest.json").unlink()
     with pytest.raises(RunDirectoryError, match=r"pads its batches, but .*final holds no tokenizer.*collate_fn="):
         analyze_run(out, AnalyzeArguments(train_samples=0, alphas=3, alignment="none", cpu=True, reanalyze=True))
+
+
+def test_a_transformers_vit_in_bf16_full_is_the_bf16_model_on_bf16_pixels():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from hf_stability.analysis import Evaluator
+
+    g = torch.Generator().manual_seed(0)
+    data = EvalData([{"pixel_values": torch.rand(1, 28, 28, generator=g), "labels": i % 5} for i in range(40)],
+                    batch_size=16)
+    config = ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=64, num_labels=5)
+    torch.manual_seed(0)
+    model = ViTForImageClassification(config)
+    evaluator = Evaluator(device="cpu", autocast_dtype=torch.bfloat16, weights_dtype=torch.bfloat16, progress=False)
+    plain = Evaluator(device="cpu", progress=False)
+    ours, cast = evaluator.evaluate(model, data), plain.evaluate(copy.deepcopy(model).to(torch.bfloat16), data)
+    # the model casts its pixels itself, so casting them first changes nothing: the same predictions
+    assert (ours.wrong, ours.judged) == (cast.wrong, cast.judged)
+    assert ours.loss == pytest.approx(cast.loss, rel=2.0**-7)  # the float32 loss, within bf16 rounding of its own

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -230,3 +231,20 @@ def test_a_damaged_record_of_a_diverged_child_is_named(run):
     damaged = r"diverged\.json is not UTF-8 text: the file is damaged.*"
     with pytest.raises(RunDirectoryError, match=damaged + CHILD_REMEDY):
         analyze_run(run, ANALYSIS)
+
+
+def test_checksums_computed_ahead_are_those_of_the_files_as_verified(tmp_path):
+    """digests_ahead hashes a study's files in threads before verify reads them; a file that
+    changes in between (same size, new bytes) is hashed again, so the damage is still caught."""
+    from hf_stability.manifest import digests_ahead, verify, write_manifest
+
+    files = {f"f{i}.bin": tmp_path / f"f{i}.bin" for i in range(4)}
+    for i, path in enumerate(files.values()):
+        path.write_bytes(bytes([i]) * 100_000)
+    write_manifest(tmp_path / "manifest.json", files, "fingerprint")
+    with digests_ahead(list(files.values()), workers=2):
+        assert set(verify(tmp_path / "manifest.json", tmp_path, lambda name: "redo")) == set(files)
+        time.sleep(0.05)  # past the file system's timestamp granularity: the rewrite has a new mtime
+        files["f2.bin"].write_bytes(bytes([9]) * 100_000)
+        with pytest.raises(RunDirectoryError, match="f2.bin does not match the checksum"):
+            verify(tmp_path / "manifest.json", tmp_path, lambda name: "redo")

@@ -2,6 +2,7 @@
 .blocks, tensor input). timm comes with the `vision` extra, which the test install includes
 (torch 2.14.1 + torchvision 0.29.1, see docs/design.md)."""
 
+import copy
 import math
 
 import pytest
@@ -91,3 +92,20 @@ def test_timm_vit_with_qk_norm_is_refused_naming_the_parameter():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, qk_norm=True)
     with pytest.raises(UnsupportedArchitectureError, match=r"'blocks\.0\.attn\.q_norm\.weight'"):
         permutation_spec(model)
+
+
+def test_timm_vit_in_bf16_full_gets_its_input_in_bf16_and_a_float32_loss():
+    """A timm model has no cast of its own: in bf16 it needs bf16 pixels (the Evaluator casts them),
+    and its loss (the cross-entropy of its logits, PlainLogits) is taken in float32."""
+    from hf_stability.analysis import EvalData, Evaluator
+
+    a, data = _vit(0), EvalData(_data(), batch_size=16)
+    evaluator = Evaluator(device="cpu", autocast_dtype=torch.bfloat16, weights_dtype=torch.bfloat16, progress=False)
+    ours = evaluator.evaluate(a, data)
+    cast, total = copy.deepcopy(a).to(torch.bfloat16).eval(), 0.0
+    with torch.no_grad():
+        for i in range(data.num_batches):
+            batch = data.batch(i)
+            logits = cast(batch["pixel_values"].to(torch.bfloat16))
+            total += float(torch.nn.functional.cross_entropy(logits.float(), batch["labels"]).double()) * len(logits)
+    assert ours.loss == pytest.approx(total / len(data), rel=1e-9)

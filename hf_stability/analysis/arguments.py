@@ -31,19 +31,33 @@ class AlignmentMethod(ExplicitEnum):
 
 
 class Autocast(ExplicitEnum):
-    """The precision evaluation runs under."""
+    """The precision evaluation runs under: none (the models' own), bf16 or fp16 autocast, or
+    bf16_full: the weights themselves in bf16 along the path (interpolated in fp32, then rounded),
+    as the Trainer's ``bf16_full_eval`` does. bf16_full is the fastest on a GPU (no per-forward
+    casts of the weights); its losses carry bf16 rounding (about 1e-3 relative), so a barrier
+    smaller than that is better measured under bf16 autocast or in fp32."""
 
     __label__ = "autocast"
     __error__ = AnalysisArgumentsError
     NONE = "none"
     BF16 = "bf16"
     FP16 = "fp16"
+    BF16_FULL = "bf16_full"
 
     @property
     def dtype(self):
+        """The autocast dtype (None: no autocast). bf16_full autocasts what is not a loss barrier
+        (CKA, activation matching) to bf16."""
         import torch
 
-        return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.value]
+        return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16, "bf16_full": torch.bfloat16}[self.value]
+
+    @property
+    def weights_dtype(self):
+        """The dtype the evaluated weights are cast to (None: their own)."""
+        import torch
+
+        return torch.bfloat16 if self is Autocast.BF16_FULL else None
 
 
 class PeftPath(ExplicitEnum):
@@ -83,7 +97,11 @@ class AnalyzeArguments:
     batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per process."})
     pooling: Pooling = field(
         default=Pooling.AUTO, metadata={"help": "Which tokens CKA reads (auto: those the model's own head reads)."})
-    autocast: Autocast = field(default=Autocast.NONE, metadata={"help": "Evaluate under autocast."})
+    autocast: Autocast = field(
+        default=Autocast.NONE,
+        metadata={"help": "Evaluate under bf16 or fp16 autocast, or with the weights in bf16 (bf16_full: fastest on a "
+                  "GPU, like the Trainer's bf16_full_eval; its losses carry bf16 rounding)."},
+    )
     alignment: AlignmentMethod = field(
         default=AlignmentMethod.AUTO,
         metadata={"help": "Permutation alignment before the aligned L2 and barriers (auto: weight matching where "

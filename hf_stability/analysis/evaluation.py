@@ -9,6 +9,9 @@ sum. What a loss, an error and a prediction are depends on the model's head (hea
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +22,8 @@ from tqdm.auto import tqdm
 
 from ..errors import AnalysisDataError
 from .heads import LABEL_KEYS, Head, head_of, labels_of
+
+logger = logging.getLogger(__name__)
 
 
 def _default_collate(features: list[dict[str, Any]]) -> dict[str, Any]:
@@ -59,8 +64,9 @@ class EvalData:
 
     ``dataset`` is anything indexable that returns feature dicts (a ``datasets.Dataset``);
     ``collate_fn`` turns a list of them into a batch (default: transformers'
-    ``default_data_collator``). Collated batches are cached, so evaluating many models or
-    interpolation points collates once. ``labelled=False`` admits data without labels (enough
+    ``default_data_collator``). Collated batches are cached (and, by the Evaluator, kept on the
+    GPU while they fit its share of its memory), so evaluating many models or interpolation
+    points collates and copies once. ``labelled=False`` admits data without labels (enough
     for activation matching; barriers and disagreement need labels).
     """
 
@@ -71,6 +77,7 @@ class EvalData:
     pin_memory: bool = field(default_factory=torch.cuda.is_available)
     labelled: bool = True
     _cache: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
+    _device_cache: dict[tuple[str, str, int], dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.dataset is None or len(self.dataset) == 0:
@@ -114,7 +121,20 @@ class Evaluator:
 
     ``accelerator``: an ``accelerate.Accelerator`` (None: one process on ``device``).
     ``autocast_dtype``: torch.bfloat16 or torch.float16 to evaluate under autocast.
+    ``weights_dtype``: evaluate losses and errors with the weights cast to this dtype (bf16: the
+    analysis's ``bf16_full``; the Trainer's ``bf16_full_eval``) and no autocast; what reads
+    hidden states (CKA, activation matching) still runs under ``autocast_dtype``.
+
+    On a GPU the loop never waits for the device: batches stay on it (up to
+    ``DEVICE_CACHE_SHARE`` of its free memory), sums accumulate there, and one transfer per
+    evaluation brings them back.
     """
+
+    #: The share of the GPU's free memory (at the first batch) that cached batches may take.
+    DEVICE_CACHE_SHARE = 0.2
+    #: How far (relative) a head's float32 loss may be from the bf16 model's own on a batch and
+    #: still be taken for the same loss, more precisely computed (bf16 keeps 8 bits: 2^-8 = 0.4%).
+    FP32_LOSS_TOLERANCE = 2.0**-6
 
     def __init__(
         self,
@@ -122,6 +142,7 @@ class Evaluator:
         device: str | torch.device | None = None,
         autocast_dtype: torch.dtype | None = None,
         progress: bool = True,
+        weights_dtype: torch.dtype | None = None,
     ):
         self.accelerator = accelerator
         if accelerator is not None:
@@ -131,7 +152,9 @@ class Evaluator:
             self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
             self.process_index, self.num_processes = 0, 1
         self.autocast_dtype = autocast_dtype
+        self.weights_dtype = weights_dtype
         self.progress = progress and self.process_index == 0
+        self._cache_room: int | None = None  # bytes of device memory batches may still take
 
     @property
     def is_main_process(self) -> bool:
@@ -159,19 +182,58 @@ class Evaluator:
             model.eval()
             model.to(self.device)
 
+    def _inputs_in_weights_dtype(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """With ``weights_dtype``: the floating inputs (not the labels) in it, as the model would cast
+        them itself (and must, for a model without such a cast: a timm model), images channels-last
+        (the layout a GPU's convolutions read)."""
+        if self.weights_dtype is None:
+            return batch
+        out = dict(batch)
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and key not in LABEL_KEYS:
+                value = value.to(self.weights_dtype)
+                out[key] = value.contiguous(memory_format=torch.channels_last) if value.dim() == 4 else value
+        return out
+
+    def _device_batch(self, data: EvalData, index: int) -> dict[str, Any]:
+        """Batch ``index`` of ``data`` on this evaluator's device, kept there while it fits."""
+        if self.device.type != "cuda":
+            return self._inputs_in_weights_dtype(self._to_device(data.batch(index)))
+        key = (str(self.device), str(self.weights_dtype), index)
+        cached = data._device_cache.get(key)
+        if cached is not None:
+            return cached
+        batch = self._inputs_in_weights_dtype(self._to_device(data.batch(index)))
+        if self._cache_room is None:
+            self._cache_room = int(self.DEVICE_CACHE_SHARE * torch.cuda.mem_get_info(self.device)[0])
+        size = sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, torch.Tensor))
+        if size <= self._cache_room:
+            data._device_cache[key] = batch
+            self._cache_room -= size
+        return batch
+
     def batches(
         self, data: EvalData, desc: str = "", show: bool = True
     ) -> Iterator[tuple[int, dict[str, Any], dict[str, torch.Tensor]]]:
         """This process's batches on its device, as (batch index, model inputs, label tensors)."""
         indices = data.shard(self.process_index, self.num_processes)
         for index in tqdm(indices, desc=desc, disable=not (self.progress and show), leave=False):
-            batch = self._to_device(data.batch(index))
+            batch = self._device_batch(data, index)
             labels = labels_of(batch)
             yield index, {k: v for k, v in batch.items() if k not in labels}, labels
 
     def head(self, model: nn.Module, data: EvalData) -> Head:
         """The head of ``model`` (heads.py), read from its class, its config and ``data``'s first batch."""
         return head_of(model, data.batch(0))
+
+    def in_weights_dtype(self, model: nn.Module) -> nn.Module:
+        """``model`` itself, or (``weights_dtype`` set and ``model`` not in it) a copy cast to it."""
+        if self.weights_dtype is None:
+            return model
+        floating = [t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
+        if all(t.dtype == self.weights_dtype for t in floating):
+            return model
+        return copy.deepcopy(model).to(self.weights_dtype)
 
     @torch.inference_mode()
     def evaluate(self, model: nn.Module, data: EvalData, keep_predictions: bool = False, desc: str = "",
@@ -180,27 +242,52 @@ class Evaluator:
         the entries its loss averages over), and its errors under its head's rule.
 
         Sums stay on the device (float64) until the end: one host synchronisation per call.
+        With ``weights_dtype``, the model is evaluated in it (a cast copy unless it already is),
+        and the loss is the head's float32 loss where it has one (``Head.fp32_loss``) and that
+        agrees with the model's own on every batch; otherwise the model's own, with a warning.
         """
         self.ready(model)
         head = head or self.head(model, data)
-        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss x units, units, wrong, judged
+        model = self.in_weights_dtype(model)
+        low_precision = self.weights_dtype is not None
+        autocast = contextlib.nullcontext() if low_precision else self.autocast()
+        # loss x units, units, wrong, judged, fp32 loss x units, batches whose fp32 loss is not the model's own
+        totals = torch.zeros(6, dtype=torch.float64, device=self.device)
         predictions: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        fp32 = low_precision
         for index, inputs, labels in self.batches(data, desc, show=bool(desc)):
-            with self.autocast():
+            with autocast:
                 outputs = head.outputs(model, inputs, labels)
                 loss = head.loss(outputs, labels).float()
             units = head.loss_units(labels)
             totals[0] += loss.double() * units
             totals[1] += units
-            judged = head.judge(outputs, labels)
-            if judged is not None:
-                totals[2] += (~judged.correct).sum()
-                totals[3] += judged.correct.numel()
-                if keep_predictions:
+            if fp32:
+                exact = head.fp32_loss(outputs, labels)
+                if exact is None:
+                    fp32 = False
+                else:
+                    totals[4] += exact.double() * units
+                    gap = (exact.double() - loss.double()).abs() / exact.double().abs().clamp_min(1e-3)
+                    totals[5] += gap > self.FP32_LOSS_TOLERANCE
+            if keep_predictions:
+                judged = head.judge(outputs, labels)
+                if judged is not None:
                     predictions.append((index, judged.predictions, labels["labels"]))
+            counted = head.count(outputs, labels)
+            if counted is not None:
+                totals[2] += counted[0]
+                totals[3] += counted[1]
         if self.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
-        loss_sum, loss_units, wrong, judged_count = totals.tolist()
+        loss_sum, loss_units, wrong, judged_count, fp32_sum, disagree = totals.tolist()
+        if fp32 and not disagree:
+            loss_sum = fp32_sum
+        elif fp32:
+            logger.warning("On %d batch(es) the %s head's float32 loss differs from the model's own by more than "
+                           "%.1f%% (the model computes another loss: label smoothing, class weights...): the model's "
+                           "own loss, rounded to %s, is used.", round(disagree), head.name,
+                           100 * self.FP32_LOSS_TOLERANCE, str(self.weights_dtype).replace("torch.", ""))
         result = EvalSums(loss_sum=loss_sum, loss_units=loss_units, wrong=wrong, judged=round(judged_count))
         if keep_predictions:
             local = [(i, p.tolist(), r.tolist()) for i, p, r in predictions]

@@ -57,13 +57,14 @@ class Head:
         """The model's outputs, with the loss it computes from ``labels``."""
         return call(model, {**inputs, **labels})
 
-    def loss_units(self, labels: dict[str, torch.Tensor]) -> torch.Tensor:
-        """How many entries the model's (mean) loss averages over in this batch."""
+    def loss_units(self, labels: dict[str, torch.Tensor]) -> torch.Tensor | int:
+        """How many entries the model's (mean) loss averages over in this batch (a device tensor
+        where it depends on the labels' values: no host synchronisation)."""
         target = labels.get("labels")
         if target is None:
             target = next(iter(labels.values()))
         if target.is_floating_point():
-            return torch.tensor(target.numel(), device=target.device)
+            return target.numel()
         return (target != IGNORE_INDEX).sum()
 
     def loss(self, outputs: Any, labels: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -77,6 +78,22 @@ class Head:
 
     def judge(self, outputs: Any, labels: dict[str, torch.Tensor]) -> Judged | None:
         return None
+
+    def fp32_loss(self, outputs: Any, labels: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The loss transformers' head computes, in float32 from the logits (None: the head has no
+        such rule). A model in bf16 returns its loss rounded to bf16 (a relative error up to 2^-9
+        per batch, as large as the barriers measured); the Evaluator uses this one instead, where
+        it agrees with the model's own loss to bf16 precision on every batch."""
+        return None
+
+    def count(self, outputs: Any, labels: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | int] | None:
+        """(wrong, judged) of a batch under the error rule, without a host synchronisation (None:
+        no error rule). The same counts as ``judge``; heads that judge a subset of tokens count
+        it by masking rather than indexing (indexing by a mask waits for the GPU)."""
+        judged = self.judge(outputs, labels)
+        if judged is None:
+            return None
+        return (~judged.correct).sum(), judged.correct.numel()
 
 
 def call(model: nn.Module, batch: dict[str, Any]) -> Any:
@@ -105,6 +122,10 @@ class SingleLabel(Head):
         predicted = logits_of(outputs).argmax(-1)
         return Judged(predicted, predicted == labels["labels"])
 
+    def fp32_loss(self, outputs, labels):
+        logits = logits_of(outputs)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels["labels"].reshape(-1))
+
 
 class PlainLogits(SingleLabel):
     """A model that returns logits and no loss (a timm or plain torch classifier): the loss is
@@ -128,6 +149,9 @@ class MultiLabel(Head):
         truth = labels["labels"] > 0.5
         return Judged(predicted.reshape(-1), (predicted == truth).reshape(-1))
 
+    def fp32_loss(self, outputs, labels):
+        return F.binary_cross_entropy_with_logits(logits_of(outputs).float(), labels["labels"].float())
+
 
 class Regression(Head):
     name = "regression"
@@ -143,13 +167,23 @@ class TokenClassification(Head):
         predicted = logits_of(outputs).argmax(-1)[keep]
         return Judged(predicted, predicted == target[keep])
 
+    def count(self, outputs, labels):
+        target = labels["labels"]
+        keep = target != IGNORE_INDEX
+        return ((logits_of(outputs).argmax(-1) != target) & keep).sum(), keep.sum()
+
+    def fp32_loss(self, outputs, labels):
+        logits = logits_of(outputs)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels["labels"].reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+
 
 class QuestionAnswering(Head):
     name = "extractive question answering"
     error_rule = "argmax start and end positions against the answer's, both right, per example"
 
     def loss_units(self, labels):
-        return torch.tensor(labels["start_positions"].numel(), device=labels["start_positions"].device)
+        return labels["start_positions"].numel()
 
     def judge(self, outputs, labels):
         start, end = outputs.start_logits.argmax(-1), outputs.end_logits.argmax(-1)
@@ -171,6 +205,11 @@ class CausalLM(Head):
         keep = target != IGNORE_INDEX
         predicted = logits_of(outputs)[..., :-1, :].argmax(-1)[keep]
         return Judged(predicted, predicted == target[keep])
+
+    def count(self, outputs, labels):
+        target = labels["labels"][..., 1:]
+        keep = target != IGNORE_INDEX
+        return ((logits_of(outputs)[..., :-1, :].argmax(-1) != target) & keep).sum(), keep.sum()
 
 
 def head_of(model: nn.Module, batch: dict[str, Any]) -> Head:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import RunDirectoryError
-from ..manifest import named_files, sha256_of, verify
+from ..manifest import digests_ahead, files_under, named_files, sha256_of, verify
 from ..run_directory import (
     ADAPTER_CONFIG_NAME,
     CONFIG_JSON,
@@ -81,16 +81,19 @@ class RunInputs:
             RunDirectoryError: a file is missing, damaged, or does not match its checksum.
         """
         config = run.load_config()
-        data = _verified_data(run) if verify_data else {}
         if not run.parent_final.is_dir():
             raise RunDirectoryError(f"{run.parent_final} is missing: the parent has not finished. Run the study "
                                     "(its command again resumes it) before analysing it.")
-        parent = _verified_final(run, run.parent_final, run.parent_dir, run.parent_remedy())
-        base = _verified_base(run) if (run.parent_final / ADAPTER_CONFIG_NAME).is_file() else {}
-        children = {}
-        for t in config["spawn_steps"]:
-            for k in children_of(config, t):
-                children[t, k] = _child_inputs(run, t, k, *child_group(config, t, k))
+        folders = [run.parent_final, run.base_model_dir] + [run.data_dir] * verify_data + [
+            run.child_final(t, k) for t in config["spawn_steps"] for k in children_of(config, t)]
+        with digests_ahead([path for folder in folders if folder.is_dir() for path in files_under(folder)]):
+            data = _verified_data(run) if verify_data else {}
+            parent = _verified_final(run, run.parent_final, run.parent_dir, run.parent_remedy())
+            base = _verified_base(run) if (run.parent_final / ADAPTER_CONFIG_NAME).is_file() else {}
+            children = {}
+            for t in config["spawn_steps"]:
+                for k in children_of(config, t):
+                    children[t, k] = _child_inputs(run, t, k, *child_group(config, t, k))
         return cls(config=config, data=data, parent=parent,
                    parent_config=model_config_fingerprint(run.parent_final, run.parent_remedy()), children=children,
                    base=base)

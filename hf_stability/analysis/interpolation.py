@@ -16,18 +16,25 @@ class Interpolator:
     Every floating tensor is interpolated, buffers included (BatchNorm statistics...); integer
     buffers are taken from ``a``. Moving along the path never reloads anything from disk, and
     the only memory it takes is the buffer: ``a`` and ``b`` must not change while it is used.
+    ``dtype`` (bf16 for a bf16_full evaluation) casts the buffer's floating tensors: the path
+    is still interpolated in fp32 and each point rounded once, so alpha 0 and 1 are exactly
+    ``a.to(dtype)`` and ``b.to(dtype)``.
     """
 
-    def __init__(self, a: nn.Module, b: nn.Module):
+    def __init__(self, a: nn.Module, b: nn.Module, dtype: torch.dtype | None = None):
         check_same_architecture(a, b, buffers=True)
         self.model = copy.deepcopy(a)
+        if dtype is not None:
+            self.model.to(dtype)  # (floating tensors only)
         self.model.eval()
         target = floating_state(self.model, buffers=True)
         source_a, source_b = floating_state(a, buffers=True), floating_state(b, buffers=True)
         self._targets = list(target.values())
-        # (.to() is the tensor itself when device and dtype already match: no copy)
-        self._a = [source_a[n].detach().to(t.device, t.dtype) for n, t in target.items()]
-        self._b = [source_b[n].detach().to(t.device, t.dtype) for n, t in target.items()]
+        # the endpoints in their own dtype on the buffer's device (.to() is the tensor itself when the
+        # device already matches: no copy); a cast buffer reads them in fp32
+        own = dtype is None
+        self._a = [source_a[n].detach().to(t.device, t.dtype if own else None) for n, t in target.items()]
+        self._b = [source_b[n].detach().to(t.device, t.dtype if own else None) for n, t in target.items()]
 
     @torch.no_grad()
     def set_alpha(self, alpha: float) -> nn.Module:
@@ -38,7 +45,7 @@ class Interpolator:
                 target.copy_(x)
             elif alpha == 1.0:
                 target.copy_(y)
-            elif x.dtype in (torch.float16, torch.bfloat16):
+            elif x.dtype in (torch.float16, torch.bfloat16) or target.dtype != x.dtype:
                 target.copy_(torch.lerp(x.float(), y.float(), alpha))  # interpolate in fp32, store rounded
             else:
                 target.copy_(torch.lerp(x, y, alpha))

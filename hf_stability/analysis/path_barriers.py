@@ -90,7 +90,7 @@ def barriers(
     points = _as_alphas(alphas)
     keep = any(not isinstance(m, str) for m in metrics)
     head = evaluator.head(a, data)
-    interpolator = Interpolator(a, b)
+    interpolator = Interpolator(a, b, dtype=evaluator.weights_dtype)
     sums: list[EvalSums] = []
     progress = tqdm(points, desc=f"barrier on {data.name}", disable=not evaluator.progress, leave=False)
     for i, alpha in enumerate(progress):

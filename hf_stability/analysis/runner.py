@@ -28,13 +28,14 @@ from .alignment import activation_matching, apply_permutation, permutation_spec,
 from .arguments import AlignmentMethod, AnalyzeArguments, Pairs, PeftPath
 from .distance import l2_between, l2_distance
 from .evaluation import EvalData, EvalSums, Evaluator
-from .heads import pipeline_task
+from .heads import Head, pipeline_task
 from .inputs import ChildInputs, RunInputs
 from .loading import load_run_data, load_run_model, run_collator
 from .noise_floor import compare_with_floor
 from .path_barriers import BUILTIN_METRICS, barriers
 from .representations import compare_representations, resolve_readout
 from .schema import REPORT_SCHEMA_VERSION, Report
+from .timing import StageTimer
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ class _Analysis:
         self._ready = False
         self._models: dict[str, torch.nn.Module] = {}
         self._sums: dict[tuple[str, str], EvalSums] = {}
+        self.timer = StageTimer()
 
     # ---- data and models (loaded only when a pair must be measured) ---------------------------
     def _prepare(self) -> None:
@@ -176,18 +178,25 @@ class _Analysis:
             return
         args, run = self.args, self.run
         self.evaluator = Evaluator(accelerator=self.accelerator, device="cpu" if args.cpu else None,
-                                   autocast_dtype=args.autocast.dtype)
-        collate = self.given["collate_fn"] or run_collator(run)
-        eval_dataset = self.given["eval_data"]
-        if eval_dataset is None:
-            eval_dataset = load_run_data(run, args.eval_split)
-        if args.eval_samples is not None:
-            eval_dataset = _first(eval_dataset, args.eval_samples)
-        self.splits = {"eval": EvalData(eval_dataset, batch_size=args.batch_size, collate_fn=collate, name="eval")}
-        if args.train_samples > 0:
-            train = self.given["train_data"] if self.given["train_data"] is not None else load_run_data(run, "train")
-            self.splits["train"] = EvalData(_first(train, args.train_samples), batch_size=args.batch_size,
-                                            collate_fn=collate, name="train")
+                                   autocast_dtype=args.autocast.dtype, weights_dtype=args.autocast.weights_dtype)
+        self.timer.device = self.evaluator.device
+        with self.timer.stage("load and collate data"):
+            collate = self.given["collate_fn"] or run_collator(run)
+            eval_dataset = self.given["eval_data"]
+            if eval_dataset is None:
+                eval_dataset = load_run_data(run, args.eval_split)
+            if args.eval_samples is not None:
+                eval_dataset = _first(eval_dataset, args.eval_samples)
+            self.splits = {"eval": EvalData(eval_dataset, batch_size=args.batch_size, collate_fn=collate,
+                                            name="eval")}
+            if args.train_samples > 0:
+                train = self.given["train_data"] if self.given["train_data"] is not None \
+                    else load_run_data(run, "train")
+                self.splits["train"] = EvalData(_first(train, args.train_samples), batch_size=args.batch_size,
+                                                collate_fn=collate, name="train")
+            for data in self.splits.values():  # collated once, here, for every model and point
+                for index in data.shard(self.evaluator.process_index, self.evaluator.num_processes):
+                    data.batch(index)
         parent = self.model("parent")
         self.peft = is_peft_model(parent)
         self.head = self.evaluator.head(parent, self.splits["eval"])
@@ -206,13 +215,15 @@ class _Analysis:
         """A model by name: "parent", "t<t>/c<k>", and for a PEFT study "<name>@merged" (its
         adapter merged into a copy of the base)."""
         if name not in self._models:
-            if name.endswith(MERGED):
-                self._models[name] = copy.deepcopy(self.model(name[: -len(MERGED)])).merge_and_unload()
-            elif name == "parent":
-                self._models[name] = load_run_model(self.run, self.run.parent_final, self.model_class)
-            else:
-                t, k = (int(part[1:]) for part in name.split("/"))
-                self._models[name] = load_run_model(self.run, self.run.child_final(t, k), self.model_class)
+            self.timer.mark_startup()
+            with self.timer.stage("load models"):
+                if name.endswith(MERGED):
+                    self._models[name] = copy.deepcopy(self.model(name[: -len(MERGED)])).merge_and_unload()
+                elif name == "parent":
+                    self._models[name] = load_run_model(self.run, self.run.parent_final, self.model_class)
+                else:
+                    t, k = (int(part[1:]) for part in name.split("/"))
+                    self._models[name] = load_run_model(self.run, self.run.child_final(t, k), self.model_class)
         return self._models[name]
 
     def merged(self, name: str) -> str:
@@ -228,32 +239,40 @@ class _Analysis:
 
     def sums(self, name: str, split: str) -> EvalSums:
         if (name, split) not in self._sums:
-            self._sums[(name, split)] = self.evaluator.evaluate(self.model(name), self.splits[split])
+            model = self.model(name)
+            with self.timer.stage("evaluate endpoints"):
+                self._sums[(name, split)] = self.evaluator.evaluate(model, self.splits[split])
         return self._sums[(name, split)]
 
     # ---- measures ----------------------------------------------------------------------------
     def measure(self, name_a: str, name_b: str) -> dict[str, Any]:
         """Every measure of a pair. For a PEFT study: L2 of the adapters and of the merged weights,
         barriers along the line of ``peft_path``, CKA and alignment on the merged models."""
-        args, splits = self.args, self.splits
+        args, splits, timer = self.args, self.splits, self.timer
         a, b = self.model(name_a), self.model(name_b)
         result: dict[str, Any] = {"a": name_a, "b": name_b}
-        # a PEFT study's L2 is that of what trains: the adapters (the base is the same in every model)
-        distance = l2_between(adapter_tensors(a), adapter_tensors(b), True) if self.peft else l2_distance(a, b, True)
-        result["l2"] = {"l2": distance.l2, "relative": distance.relative, "per_layer": distance.per_layer}
-        if self.peft:
-            merged = l2_distance(self.model(self.merged(name_a)), self.model(self.merged(name_b)), per_layer=True)
-            result["merged_l2"] = {"l2": merged.l2, "relative": merged.relative, "per_layer": merged.per_layer}
+        with timer.stage("L2"):
+            # a PEFT study's L2 is that of what trains: the adapters (the base is the same in every model)
+            distance = l2_between(adapter_tensors(a), adapter_tensors(b), True) if self.peft \
+                else l2_distance(a, b, True)
+            result["l2"] = {"l2": distance.l2, "relative": distance.relative, "per_layer": distance.per_layer}
+            if self.peft:
+                merged = l2_distance(self.model(self.merged(name_a)), self.model(self.merged(name_b)),
+                                     per_layer=True)
+                result["merged_l2"] = {"l2": merged.l2, "relative": merged.relative, "per_layer": merged.per_layer}
         path_a, path_b = (self.merged(name_a), self.merged(name_b)) if args.peft_path == PeftPath.MERGED \
             else (name_a, name_b)
         result["barriers"] = {}
         for split, data in splits.items():
-            found = barriers(self.model(path_a), self.model(path_b), data, BUILTIN_METRICS, args.alphas,
-                             self.evaluator, endpoints=(self.sums(path_a, split), self.sums(path_b, split)))
+            endpoints = (self.sums(path_a, split), self.sums(path_b, split))
+            with timer.stage("barriers"):
+                found = barriers(self.model(path_a), self.model(path_b), data, BUILTIN_METRICS, args.alphas,
+                                 self.evaluator, endpoints=endpoints)
             result["barriers"][split] = {metric: r.to_dict() for metric, r in found.items()}
         seen_a, seen_b = self.merged(name_a), self.merged(name_b)
-        representation = compare_representations(self.model(seen_a), self.model(seen_b), splits["eval"],
-                                                 self.readout.pooling, self.evaluator)
+        with timer.stage("CKA and disagreement"):
+            representation = compare_representations(self.model(seen_a), self.model(seen_b), splits["eval"],
+                                                     self.readout.pooling, self.evaluator)
         values = [v if math.isfinite(v) else None for v in representation.cka]  # None: undefined (no variance)
         result["cka"] = {"pooling": representation.pooling, "layers": representation.layers, "values": values}
         result["disagreement"] = representation.disagreement
@@ -267,22 +286,26 @@ class _Analysis:
         """L2 and barriers after permuting b's hidden units to match a. The aligned b computes b's
         function, so b's own sums serve as the far endpoint. b is permuted in place (no second copy
         in memory) and dropped afterwards."""
-        args, evaluator = self.args, self.evaluator
-        if self.method == AlignmentMethod.WEIGHT:
-            match = weight_matching(a, b, self.spec, seed=args.alignment_seed, device=evaluator.device)
-        else:
-            match = activation_matching(a, b, self.spec, self.alignment_data, evaluator=evaluator)
-        match.permutation = _from_main_process(match.permutation, evaluator)
+        args, evaluator, timer = self.args, self.evaluator, self.timer
+        with timer.stage(f"alignment ({self.method.value} matching)"):
+            if self.method == AlignmentMethod.WEIGHT:
+                match = weight_matching(a, b, self.spec, seed=args.alignment_seed, device=evaluator.device)
+            else:
+                match = activation_matching(a, b, self.spec, self.alignment_data, evaluator=evaluator)
+            match.permutation = _from_main_process(match.permutation, evaluator)
         for split in self.splits:
             self.sums(name_b, split)  # b's own endpoint sums, before its weights are permuted
-        aligned_b = apply_permutation(b, match.permutation, self.spec, in_place=True)
+        with timer.stage(f"alignment ({self.method.value} matching)"):
+            aligned_b = apply_permutation(b, match.permutation, self.spec, in_place=True)
         self._models.pop(name_b)  # its weights are now permuted: reloaded if needed again
-        distance = l2_distance(a, aligned_b, per_layer=True)
-        found = {
-            split: barriers(a, aligned_b, data, ("loss", "error"), args.alphas, evaluator,
-                            endpoints=(self.sums(name_a, split), self.sums(name_b, split)))
-            for split, data in self.splits.items()
-        }
+        with timer.stage("L2"):
+            distance = l2_distance(a, aligned_b, per_layer=True)
+        found = {}
+        for split, data in self.splits.items():
+            endpoints = (self.sums(name_a, split), self.sums(name_b, split))
+            with timer.stage("aligned barriers"):
+                found[split] = barriers(a, aligned_b, data, ("loss", "error"), args.alphas, evaluator,
+                                        endpoints=endpoints)
         return {
             **match.to_dict(),
             "l2": {"l2": distance.l2, "relative": distance.relative, "per_layer": distance.per_layer},
@@ -351,7 +374,8 @@ class _Analysis:
                     self.cross_check(child, pair)
                 pairs.append(pair)
         self.keep_only()
-        report = self.report(pairs)
+        with self.timer.stage("report"):
+            report = self.report(pairs)
         logger.info("Measured %d pair(s); reused %d of the earlier report, whose inputs are unchanged.", measured,
                     len(pairs) - measured)
         main = self.accelerator is None or self.accelerator.is_main_process
@@ -359,6 +383,9 @@ class _Analysis:
             run.remove_temporaries()  # a killed analysis's leftovers (the lock is ours)
             if report != self.earlier or self.args.reanalyze:  # an unchanged report is not rewritten
                 write_json(run.report_file, report)
+            self.timer.log()
+            write_json(run.timings_file, {**self.timer.to_dict(), "pairs_measured": measured,
+                                          "pairs_reused": len(pairs) - measured})
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
         return Report.from_dict(report, str(run.report_file))
@@ -454,7 +481,11 @@ class _Analysis:
             "pairs": args.pairs.value,
             "pooling": self.readout.pooling.value,
             "readout": self.readout.reason,
-            "head": {"name": self.head.name, "loss": "the model's own loss from its labels",
+            "head": {"name": self.head.name,
+                     "loss": "the model's own loss from its labels" + (
+                         ", in float32 from the bf16 model's logits where it agrees with the model's own"
+                         if args.autocast.weights_dtype
+                         and self.head.fp32_loss.__func__ is not Head.fp32_loss else ""),
                      "error": self.head.error_rule, "perplexity": self.head.perplexity_rule},
             "batch_size": args.batch_size,
             "autocast": args.autocast.value,

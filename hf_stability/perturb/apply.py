@@ -230,23 +230,31 @@ def perturb_model(
             factor = config.scale * expected / drawn if drawn > 0 else 0.0
             generator.set_state(draw_state)  # replay the same draws for applying
 
-        total_noise_sq = 0.0
-        total_change_sq = 0.0
+        # The draws are made on the CPU; scaling (exact IEEE float64 arithmetic, the same on any
+        # device), rounding and the norms run where the parameter lives, and the norms come back
+        # in one transfer at the end rather than one wait for the device per tensor.
+        pending: list[tuple[str, nn.Parameter, torch.Tensor, list[int] | None, list[float] | None]] = []
         for name, p in params.items():
-            noise = direction(name).double() * (factor * scales[name])
             index = entries[name]
-            before = _entries(p.detach(), index.to(p.device) if index is not None else None).clone()
+            index = index.to(p.device) if index is not None else None
+            noise = direction(name).to(p.device).double() * (factor * scales[name])
+            before = _entries(p.detach(), index).clone()
             flat = p.data.view(-1)
-            values = noise.to(device=p.device, dtype=p.dtype)
+            values = noise.to(p.dtype)
             if index is None:
                 flat.add_(values)
             else:
-                flat.index_add_(0, index.to(p.device), values)
-            after = _entries(p.detach(), index.to(p.device) if index is not None else None)
-            delta = after.double() - before.double()
-            change_l2 = float(delta.norm())
-            noise_l2 = float(noise.norm())
+                flat.index_add_(0, index, values)
+            delta = _entries(p.detach(), index).double() - before.double()
             recorded = index is not None and index.numel() <= MAX_RECORDED_INDICES
+            norms = torch.stack([delta.norm(), noise.norm()])
+            pending.append((name, p, norms, index.tolist() if recorded else None,
+                            delta.cpu().tolist() if recorded else None))
+        device = pending[0][2].device if pending else None
+        all_norms = torch.stack([norms.to(device) for _, _, norms, _, _ in pending]).tolist() if pending else []
+        total_noise_sq = 0.0
+        total_change_sq = 0.0
+        for (name, p, _, indices, deltas), (change_l2, noise_l2) in zip(pending, all_norms):
             total_noise_sq += noise_l2**2
             total_change_sq += change_l2**2
             record.tensors.append(
@@ -258,8 +266,8 @@ def perturb_model(
                     scale=scales[name],
                     noise_l2=noise_l2,
                     change_l2=change_l2,
-                    indices=index.tolist() if recorded else None,
-                    deltas=delta.cpu().tolist() if recorded else None,
+                    indices=indices,
+                    deltas=deltas,
                 )
             )
         record.entries_total = selected

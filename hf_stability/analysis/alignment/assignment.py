@@ -17,10 +17,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from .attention_layout import SLOT_KINDS, HeadPermutation, compose
 from .spec import Permutation, PermutationGroup
+
+
+def linear_sum_assignment(cost: Any, maximize: bool = False) -> tuple[Any, Any]:
+    """scipy's Hungarian solver, imported on first use (scipy.optimize takes half a second to
+    import: an analysis that does not align should not wait for it)."""
+    from scipy.optimize import linear_sum_assignment as solve
+
+    return solve(cost, maximize=maximize)
 
 
 def _within(cost: np.ndarray, fixed: int) -> np.ndarray:
