@@ -84,8 +84,9 @@ class RunInputs:
         if not run.parent_final.is_dir():
             raise RunDirectoryError(f"{run.parent_final} is missing: the parent has not finished. Run the study "
                                     "(its command again resumes it) before analysing it.")
-        folders = [run.parent_final, run.base_model_dir] + [run.data_dir] * verify_data + [
-            run.child_final(t, k) for t in config["spawn_steps"] for k in children_of(config, t)]
+        # every file verified below, hashed first in threads (a study's models are gigabytes)
+        folders = [run.parent_final, run.base_model_dir, *([run.data_dir] if verify_data else []),
+                   *(run.child_final(t, k) for t in config["spawn_steps"] for k in children_of(config, t))]
         with digests_ahead([path for folder in folders if folder.is_dir() for path in files_under(folder)]):
             data = _verified_data(run) if verify_data else {}
             parent = _verified_final(run, run.parent_final, run.parent_dir, run.parent_remedy())
