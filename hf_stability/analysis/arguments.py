@@ -34,8 +34,9 @@ class Autocast(ExplicitEnum):
     """The precision evaluation runs under: none (the models' own), bf16 or fp16 autocast, or
     bf16_full: the weights themselves in bf16 along the path (interpolated in fp32, then rounded),
     as the Trainer's ``bf16_full_eval`` does. bf16_full is the fastest on a GPU (no per-forward
-    casts of the weights); its losses carry bf16 rounding (about 1e-3 relative), so a barrier
-    smaller than that is better measured under bf16 autocast or in fp32."""
+    casts of the weights); it measures the bf16 model (weights and activations rounded to bf16,
+    about 1e-3 relative), its loss taken in float32 from the logits, so a barrier smaller than
+    that rounding is better measured under bf16 autocast or in fp32."""
 
     __label__ = "autocast"
     __error__ = AnalysisArgumentsError
@@ -100,7 +101,7 @@ class AnalyzeArguments:
     autocast: Autocast = field(
         default=Autocast.NONE,
         metadata={"help": "Evaluate under bf16 or fp16 autocast, or with the weights in bf16 (bf16_full: fastest on a "
-                  "GPU, like the Trainer's bf16_full_eval; its losses carry bf16 rounding)."},
+                  "GPU, like the Trainer's bf16_full_eval; it measures the bf16 model, its loss in float32)."},
     )
     alignment: AlignmentMethod = field(
         default=AlignmentMethod.AUTO,
