@@ -62,6 +62,18 @@ def _batches(kind: str, batch_size: int) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
+def _seconds_per_call(work, warmups: int, repeats: int) -> float:
+    """Seconds per call of ``work`` on the GPU, after ``warmups`` calls."""
+    for _ in range(warmups):
+        work()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        work()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
 def _forward_seconds(model, batches, autocast: bool, repeats: int = 3) -> tuple[float, float]:
     """Seconds per pass over ``batches`` (after one warm-up pass) and the mean loss."""
     total = torch.zeros((), device="cuda", dtype=torch.float64)
@@ -73,13 +85,8 @@ def _forward_seconds(model, batches, autocast: bool, repeats: int = 3) -> tuple[
                 with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
                     total += model(**batch).loss.double()
 
-    one_pass()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        one_pass()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats, (total / (repeats + 1) / len(batches)).item()
+    seconds = _seconds_per_call(one_pass, 1, repeats)
+    return seconds, (total / (repeats + 1) / len(batches)).item()
 
 
 def _forwards(result: dict) -> None:
@@ -123,14 +130,7 @@ def _step_seconds(model, batch, bf16: bool, steps: int = 20):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps, step
+    return _seconds_per_call(step, 3, steps), step
 
 
 def _stacked_steps(result: dict, profile_path: Path) -> None:

@@ -333,6 +333,18 @@ def test_an_analysis_is_reused_until_its_arguments_or_models_change(analysed_stu
     assert fresh.pairs == last.pairs and fresh.summary == last.summary
 
 
+def test_an_analysis_in_bf16_full_says_so_and_keeps_the_controls_at_zero(analysed_study, tmp_path):
+    run = copy_run(analysed_study, tmp_path)
+    analyze_run(run, AnalyzeArguments(train_samples=0, batch_size=16, alphas=3, alignment="none", cpu=True,
+                                      autocast="bf16_full"))
+    saved = json.loads((run / "analysis" / "report.json").read_text())
+    assert saved["settings"]["autocast"] == "bf16_full"
+    assert saved["settings"]["head"]["loss"].endswith("in float32 from the bf16 model's logits where it agrees "
+                                                      "with the model's own")
+    controls = [p for p in saved["pairs"] if p["is_control"]]
+    assert controls and all(p["barriers"]["eval"]["loss"]["barrier"] == 0.0 for p in controls)
+
+
 def test_a_child_within_twice_the_floor_on_every_figure_is_indistinguishable_from_it():
     control = {"l2": 1.0, "loss_barrier_eval": 0.1, "error_barrier_eval": 0.0}
     close = compare_with_floor({"l2": 2.0, "loss_barrier_eval": 0.15, "error_barrier_eval": 0.0}, control)

@@ -485,7 +485,7 @@ class _Analysis:
                      "loss": "the model's own loss from its labels" + (
                          ", in float32 from the bf16 model's logits where it agrees with the model's own"
                          if args.autocast.weights_dtype
-                         and self.head.fp32_loss.__func__ is not Head.fp32_loss else ""),
+                         and type(self.head).fp32_loss is not Head.fp32_loss else ""),
                      "error": self.head.error_rule, "perplexity": self.head.perplexity_rule},
             "batch_size": args.batch_size,
             "autocast": args.autocast.value,
