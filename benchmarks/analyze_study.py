@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="the analysis's evaluation batch size")
     parser.add_argument("--precisions", default="bf16,bf16_full", help="--autocast of each analysis")
     parser.add_argument("--run-dir", default=None, help="keep the study here (a finished one is reused, not retrained)")
+    parser.add_argument("--train-only", action="store_true", help="train the study (into --run-dir) and stop")
     parser.add_argument("--output", default=None)
     cli = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="analyze-study-"))
@@ -85,6 +86,9 @@ def main() -> None:
         started = time.perf_counter()
         trainer.butterfly()
         training_s = time.perf_counter() - started
+        if cli.train_only:
+            print(f"trained in {training_s:.1f} s: {run_dir}")
+            return
         analyses = []
         for precision in cli.precisions.split(","):
             command = [sys.executable, "-m", "hf_stability.cli", "analyze", str(run_dir), "--reanalyze",

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .atomic_io import write_json
@@ -25,10 +24,9 @@ from .run_files import read_json
 
 MANIFEST_FORMAT = 1
 _CHUNK = 8 << 20
-
-
-#: Checksums computed ahead of ``verify`` (``digests_ahead``), by path and (size, mtime) when computed.
-_AHEAD: ContextVar[dict[Path, tuple[tuple[int, int], str]] | None] = ContextVar("digests_ahead", default=None)
+#: Files of at least this size (model weights, arrow files) may have their checksum compared later
+#: (``verify(..., later=...)``); their size is checked at once.
+LATER_BYTES = 1 << 20
 
 
 def sha256_of(path: Path) -> str:
@@ -45,27 +43,36 @@ def _stamp(path: Path) -> tuple[int, int]:
     return stat.st_size, stat.st_mtime_ns
 
 
-@contextmanager
-def digests_ahead(paths: list[Path], workers: int | None = None) -> Iterator[None]:
-    """Compute the sha256 of ``paths`` in threads (hashing and reading release the GIL), for the
-    ``verify`` calls inside the block: checking a study's every model is then bounded by the
-    disk, not by one core. A file that changed since (size or mtime) is hashed again."""
-    workers = workers or min(16, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        stamps = {path: _stamp(path) for path in paths}
-        found = dict(zip(paths, pool.map(sha256_of, paths)))
-    token = _AHEAD.set({path: (stamps[path], found[path]) for path in paths})
-    try:
-        yield
-    finally:
-        _AHEAD.reset(token)
+class BackgroundDigests:
+    """The sha256 of ``paths`` computed in background threads, in the order given (hashing and
+    reading release the GIL): checking a study's every model is then bounded by the disk, not by
+    one core, and the first files are ready first while the rest are still being read.
+    ``digest(path)`` waits for that file only; a file that changed since it was hashed (size or
+    mtime) is hashed again. ``close()`` stops what has not started."""
 
+    def __init__(self, paths: list[Path], workers: int | None = None):
+        self._pool = ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1),
+                                        thread_name_prefix="sha256")
+        self._ahead: dict[Path, tuple[tuple[int, int], Future[str]]] = {}
+        for path in dict.fromkeys(paths):
+            self._ahead[path] = (_stamp(path), self._pool.submit(sha256_of, path))
 
-def _digest(file: Path) -> str:
-    ahead = (_AHEAD.get() or {}).get(file)
-    if ahead is not None and ahead[0] == _stamp(file):
-        return ahead[1]
-    return sha256_of(file)
+    def digest(self, path: Path) -> str:
+        ahead = self._ahead.get(path)
+        if ahead is not None and ahead[0] == _stamp(path):
+            try:
+                return ahead[1].result()
+            except OSError:
+                pass  # read again below, where the error is raised in the caller's thread
+        return sha256_of(path)
+
+    def ready(self, path: Path) -> bool:
+        """Whether ``digest(path)`` returns without waiting for a file still being hashed."""
+        ahead = self._ahead.get(path)
+        return ahead is not None and ahead[1].done()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def files_under(folder: Path) -> list[Path]:
@@ -103,11 +110,35 @@ def read_manifest(path: Path, remedy: str) -> dict:
     return manifest
 
 
+@dataclass(frozen=True)
+class ChecksumCheck:
+    """One file's comparison with the sha256 its manifest recorded, to run when its bytes are needed."""
+
+    file: Path
+    manifest: Path
+    sha256: str
+    remedy: str
+
+    def run(self, digests: BackgroundDigests | None = None) -> None:
+        """Raises: RunDirectoryError: the file's sha256 is not the recorded one."""
+        digest = digests.digest(self.file) if digests is not None else sha256_of(self.file)
+        if digest != self.sha256:
+            raise RunDirectoryError(
+                f"{self.file} does not match the checksum its run recorded (sha256 {digest[:12]}..., recorded "
+                f"{self.sha256[:12]}...): the file was damaged after its run finished. {self.remedy}",
+                path=self.file,
+            )
+
+
 def verify(path: Path, base: Path, remedy_for: Callable[[str], str],
-           only: Callable[[str], bool] = lambda name: True) -> dict[str, str]:
+           only: Callable[[str], bool] = lambda name: True,
+           later: list[ChecksumCheck] | None = None, digests: BackgroundDigests | None = None) -> dict[str, str]:
     """Check every file of the manifest ``path`` that ``only(name)`` selects against its recorded
     size and sha256; returns name -> sha256. ``remedy_for(name)`` is the narrowest remedy for a
-    damaged file of that name.
+    damaged file of that name; ``digests`` the checksums computed ahead. With ``later``, the
+    checksums of files of ``LATER_BYTES`` or more are not compared now but appended to it as
+    ``ChecksumCheck``s (the caller runs each before the file's bytes are used, and all before a
+    result is written); their sizes are checked now.
 
     Raises:
         RunDirectoryError: a file is missing, or its size or checksum differs from the record.
@@ -126,12 +157,10 @@ def verify(path: Path, base: Path, remedy_for: Callable[[str], str],
                 f"{file} has {size} bytes, {entry['bytes']} were written: the file was truncated or replaced after "
                 f"its run finished. {remedy_for(name)}", path=file,
             )
-        digest = _digest(file)
-        if digest != entry["sha256"]:
-            raise RunDirectoryError(
-                f"{file} does not match the checksum its run recorded (sha256 {digest[:12]}..., recorded "
-                f"{entry['sha256'][:12]}...): the file was damaged after its run finished. {remedy_for(name)}",
-                path=file,
-            )
-        checked[name] = digest
+        check = ChecksumCheck(file, path, entry["sha256"], remedy_for(name))
+        if later is not None and size >= LATER_BYTES:
+            later.append(check)
+        else:
+            check.run(digests)
+        checked[name] = entry["sha256"]  # what the file holds once its check passes
     return checked

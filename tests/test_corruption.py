@@ -234,17 +234,45 @@ def test_a_damaged_record_of_a_diverged_child_is_named(run):
 
 
 def test_checksums_computed_ahead_are_those_of_the_files_as_verified(tmp_path):
-    """digests_ahead hashes a study's files in threads before verify reads them; a file that
-    changes in between (same size, new bytes) is hashed again, so the damage is still caught."""
-    from hf_stability.manifest import digests_ahead, verify, write_manifest
+    """BackgroundDigests hashes a study's files in threads before verify reads them; a large
+    file's checksum is compared later (its size at once); a file that changes in between (same
+    size, new bytes) is hashed again, so the damage is still caught."""
+    from hf_stability.manifest import LATER_BYTES, BackgroundDigests, verify, write_manifest
 
-    files = {f"f{i}.bin": tmp_path / f"f{i}.bin" for i in range(4)}
-    for i, path in enumerate(files.values()):
-        path.write_bytes(bytes([i]) * 100_000)
-    write_manifest(tmp_path / "manifest.json", files, "fingerprint")
-    with digests_ahead(list(files.values()), workers=2):
-        assert set(verify(tmp_path / "manifest.json", tmp_path, lambda name: "redo")) == set(files)
+    sizes = {"small0.bin": 100_000, "small1.bin": 100_000, "large0.bin": LATER_BYTES, "large1.bin": 2 * LATER_BYTES}
+    files = {name: tmp_path / name for name in sizes}
+    for i, (name, size) in enumerate(sizes.items()):
+        files[name].write_bytes(bytes([i]) * size)
+    manifest = tmp_path / "manifest.json"
+    write_manifest(manifest, files, "fingerprint")
+    digests = BackgroundDigests(list(files.values()), workers=2)
+    try:
+        later = []
+        assert set(verify(manifest, tmp_path, lambda name: "redo", later=later, digests=digests)) == set(files)
+        assert sorted(check.file.name for check in later) == ["large0.bin", "large1.bin"]
+        for check in later:
+            check.run(digests)  # intact
         time.sleep(0.05)  # past the file system's timestamp granularity: the rewrite has a new mtime
-        files["f2.bin"].write_bytes(bytes([9]) * 100_000)
-        with pytest.raises(RunDirectoryError, match="f2.bin does not match the checksum"):
-            verify(tmp_path / "manifest.json", tmp_path, lambda name: "redo")
+        files["large1.bin"].write_bytes(bytes([9]) * sizes["large1.bin"])
+        with pytest.raises(RunDirectoryError, match="large1.bin does not match the checksum"):
+            later[1].run(digests)
+        files["small0.bin"].write_bytes(bytes([9]) * sizes["small0.bin"])  # a small file: compared in verify
+        with pytest.raises(RunDirectoryError, match="small0.bin does not match the checksum"):
+            verify(manifest, tmp_path, lambda name: "redo", later=[], digests=digests)
+        files["large0.bin"].write_bytes(b"short")  # a size is checked at once, whatever the file's size
+        with pytest.raises(RunDirectoryError, match="large0.bin has 5 bytes"):
+            verify(manifest, tmp_path, lambda name: "redo", only=lambda name: name.startswith("large"),
+                   later=[], digests=digests)
+    finally:
+        digests.close()
+
+
+@pytest.mark.parametrize("damaged", ["parent/final", f"{CHILD}/final"])
+def test_damaged_weights_found_while_measuring_leave_no_report(run, damaged):
+    """Weights are hashed in the background while the analysis runs: a damage found then stops it
+    before any report is written."""
+    _flip(run / damaged / "model.safetensors")
+    (run / "analysis" / "report.json").unlink()
+    with pytest.raises(RunDirectoryError, match=r"model\.safetensors does not match the checksum"):
+        analyze_run(run, ANALYSIS)
+    assert not (run / "analysis" / "report.json").exists()

@@ -1,10 +1,13 @@
 """What an analysis reads from a run directory, read once and verified.
 
-Every file the study wrote is checked against the checksums its run recorded (manifest.py)
-before anything is measured, so a damaged file is named with its remedy instead of becoming a
-wrong number. The checksums also identify the inputs of every measured pair: an earlier
-report's pair is reused only when the checksums of its models, records and data, and the
-arguments, are the same as now (``pair_fingerprint``).
+Every file the study wrote is checked against the checksums its run recorded (manifest.py), so
+a damaged file is named with its remedy instead of becoming a wrong number. Records and small
+files are checked as they are read; the large ones (weights, saved data) are hashed in
+background threads from the start, data and parent first, and each is compared with its record
+before its bytes are used (``verify``) and all before a report is written (``verify_all``): the
+analysis starts while a study's gigabytes are still being read. The checksums also identify the
+inputs of every measured pair: an earlier report's pair is reused only when the checksums of its
+models, records and data, and the arguments, are the same as now (``pair_fingerprint``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import RunDirectoryError
-from ..manifest import digests_ahead, files_under, named_files, sha256_of, verify
+from ..manifest import LATER_BYTES, BackgroundDigests, ChecksumCheck, files_under, named_files, sha256_of, verify
 from ..run_directory import (
     ADAPTER_CONFIG_NAME,
     CONFIG_JSON,
@@ -72,10 +75,15 @@ class RunInputs:
     parent_config: str
     children: dict[tuple[int, int], ChildInputs]
     base: dict[str, str] = field(default_factory=dict)  # a PEFT study's base model (RUN/base_model)
+    #: the checksum comparisons still to run, by part ("data", "base", "parent", "t<t>/c<k>")
+    later: dict[str, list[ChecksumCheck]] = field(default_factory=dict, repr=False)
+    digests: BackgroundDigests | None = field(default=None, repr=False)
 
     @classmethod
     def read(cls, run: RunDirectory, verify_data: bool = True) -> RunInputs:
-        """Read and verify everything the analysis of ``run`` needs but the models' tensors.
+        """Read everything the analysis of ``run`` needs but the models' tensors, verify the small
+        files now and start hashing the large ones (see the module docstring). Call ``close()``
+        when done.
 
         Raises:
             RunDirectoryError: a file is missing, damaged, or does not match its checksum.
@@ -84,20 +92,61 @@ class RunInputs:
         if not run.parent_final.is_dir():
             raise RunDirectoryError(f"{run.parent_final} is missing: the parent has not finished. Run the study "
                                     "(its command again resumes it) before analysing it.")
-        # every file verified below, hashed first in threads (a study's models are gigabytes)
-        folders = [run.parent_final, run.base_model_dir, *([run.data_dir] if verify_data else []),
-                   *(run.child_final(t, k) for t in config["spawn_steps"] for k in children_of(config, t))]
-        with digests_ahead([path for folder in folders if folder.is_dir() for path in files_under(folder)]):
-            data = _verified_data(run) if verify_data else {}
-            parent = _verified_final(run, run.parent_final, run.parent_dir, run.parent_remedy())
-            base = _verified_base(run) if (run.parent_final / ADAPTER_CONFIG_NAME).is_file() else {}
+        folders = [*([run.data_dir] if verify_data else []), run.parent_final, run.base_model_dir]
+        paths = [path for folder in folders if folder.is_dir() for path in files_under(folder)]
+        for t in config["spawn_steps"]:
+            for k in children_of(config, t):
+                records = [run.perturbation_file(t, k), run.divergence_file(t, k)]
+                final = run.child_final(t, k)
+                paths += [path for path in records if path.is_file()] + (files_under(final) if final.is_dir() else [])
+        # the small files first (they are checked now), then the large ones in the order they are needed
+        paths.sort(key=lambda path: path.stat().st_size >= LATER_BYTES)
+        digests = BackgroundDigests(paths)
+        later: dict[str, list[ChecksumCheck]] = {}
+        try:
+            data = _verified_data(run, later.setdefault("data", []), digests) if verify_data else {}
+            parent = _verified_final(run, run.parent_final, run.parent_dir, run.parent_remedy(),
+                                     later=later.setdefault("parent", []), digests=digests)
+            base = _verified_base(run, later.setdefault("base", []), digests) \
+                if (run.parent_final / ADAPTER_CONFIG_NAME).is_file() else {}
             children = {}
             for t in config["spawn_steps"]:
                 for k in children_of(config, t):
-                    children[t, k] = _child_inputs(run, t, k, *child_group(config, t, k))
-        return cls(config=config, data=data, parent=parent,
-                   parent_config=model_config_fingerprint(run.parent_final, run.parent_remedy()), children=children,
-                   base=base)
+                    children[t, k] = _child_inputs(run, t, k, *child_group(config, t, k),
+                                                   later=later.setdefault(f"t{t}/c{k}", []), digests=digests)
+            parent_config = model_config_fingerprint(run.parent_final, run.parent_remedy())
+        except BaseException:
+            digests.close()
+            raise
+        return cls(config=config, data=data, parent=parent, parent_config=parent_config, children=children,
+                   base=base, later=later, digests=digests)
+
+    def verify(self, *parts: str) -> None:
+        """Compare the large files of ``parts`` ("data", "base", "parent", "t<t>/c<k>") with their
+        records, waiting for their checksums, and those of any other part already computed (a
+        damage found in the background stops the analysis at once, not after the pairs before it).
+
+        Raises:
+            RunDirectoryError: a file does not match its checksum.
+        """
+        ready = [part for part, checks in self.later.items()
+                 if self.digests is not None and all(self.digests.ready(check.file) for check in checks)]
+        for part in dict.fromkeys([*parts, *ready]):
+            for check in self.later.pop(part, []):
+                check.run(self.digests)
+
+    def verify_all(self) -> None:
+        """Compare every large file with its record (before a report built from them is written).
+
+        Raises:
+            RunDirectoryError: a file does not match its checksum.
+        """
+        self.verify(*self.later)
+
+    def close(self) -> None:
+        """Stop the background hashing (what has not started is not read)."""
+        if self.digests is not None:
+            self.digests.close()
 
     def pair_fingerprint(self, arguments: dict[str, Any], a: str, b: str) -> str:
         """What a pair's measures depend on: the arguments, the run, the data and both models'
@@ -143,20 +192,20 @@ def model_config_fingerprint(final_dir, remedy: str) -> str:
     return fingerprint(kept)
 
 
-def _unverified(files: dict[str, Any], where: object) -> dict[str, str]:
+def _unverified(files: dict[str, Any], where: object, digests: BackgroundDigests | None) -> dict[str, str]:
     logger.warning("%s has no manifest (a run of an earlier hf_stability): its files cannot be checked for damage.",
                    where)
-    return {name: sha256_of(path) for name, path in files.items()}
+    return {name: digests.digest(path) if digests is not None else sha256_of(path) for name, path in files.items()}
 
 
-def _verified_data(run: RunDirectory) -> dict[str, str]:
+def _verified_data(run: RunDirectory, later: list[ChecksumCheck], digests: BackgroundDigests) -> dict[str, str]:
     remedy = run.data_remedy()
     if not run.data_manifest.is_file():
-        return _unverified(named_files(run.data_dir, ""), run.data_dir) if run.data_dir.is_dir() else {}
-    return verify(run.data_manifest, run.data_dir, lambda name: remedy)
+        return _unverified(named_files(run.data_dir, ""), run.data_dir, digests) if run.data_dir.is_dir() else {}
+    return verify(run.data_manifest, run.data_dir, lambda name: remedy, later=later, digests=digests)
 
 
-def _verified_base(run: RunDirectory) -> dict[str, str]:
+def _verified_base(run: RunDirectory, later: list[ChecksumCheck], digests: BackgroundDigests) -> dict[str, str]:
     """The checksums of a PEFT study's base model, verified against its manifest."""
     remedy = run.base_model_remedy()
     if not run.base_model_dir.is_dir():
@@ -164,22 +213,26 @@ def _verified_base(run: RunDirectory) -> dict[str, str]:
                                 path=run.base_model_dir)
     manifest = run.base_model_dir / MANIFEST_NAME
     if not manifest.is_file():
-        return _unverified(named_files(run.base_model_dir, ""), run.base_model_dir)
-    return verify(manifest, run.base_model_dir, lambda name: remedy)
+        return _unverified(named_files(run.base_model_dir, ""), run.base_model_dir, digests)
+    return verify(manifest, run.base_model_dir, lambda name: remedy, later=later, digests=digests)
 
 
-def _verified_final(run: RunDirectory, final, base, remedy: str, records: tuple[str, ...] = ()) -> dict[str, str]:
+def _verified_final(run: RunDirectory, final, base, remedy: str, records: tuple[str, ...] = (),
+                    later: list[ChecksumCheck] | None = None, digests: BackgroundDigests | None = None
+                    ) -> dict[str, str]:
     """The checksums of a run's final/ files (and ``records``), verified against its manifest."""
     manifest = run.manifest_of(final)
     prefix = f"{final.name}/"
     if not manifest.is_file():
         files = named_files(final, final.name)
         files.update({name: base / name for name in records if (base / name).is_file()})
-        return _unverified(files, final)
-    return verify(manifest, base, lambda name: remedy, only=lambda name: name.startswith(prefix) or name in records)
+        return _unverified(files, final, digests)
+    return verify(manifest, base, lambda name: remedy, only=lambda name: name.startswith(prefix) or name in records,
+                  later=later, digests=digests)
 
 
-def _child_inputs(run: RunDirectory, t: int, k: int, group: str, reference: str | None) -> ChildInputs:
+def _child_inputs(run: RunDirectory, t: int, k: int, group: str, reference: str | None,
+                  later: list[ChecksumCheck], digests: BackgroundDigests) -> ChildInputs:
     status = run.child_status(t, k)
     remedy = run.child_remedy(t, k)
     child = ChildInputs(spawn_step=t, child=k, status=status, group=group, reference=reference)
@@ -187,7 +240,7 @@ def _child_inputs(run: RunDirectory, t: int, k: int, group: str, reference: str 
         return child
     if status == "done":
         child.checksums = _verified_final(run, run.child_final(t, k), run.child_dir(t, k), remedy,
-                                          records=(PERTURBATION_NAME, DIVERGENCE_NAME))
+                                          records=(PERTURBATION_NAME, DIVERGENCE_NAME), later=later, digests=digests)
         child.config = model_config_fingerprint(run.child_final(t, k), remedy)
     else:
         child.diverged = read_json(run.diverged_file(t, k), remedy)

@@ -144,8 +144,12 @@ def analyze_run(
     from ..run_lock import locked_run_on_main
 
     with locked_run_on_main(run_dir, "analyze", accelerator):
-        return _Analysis(run_dir, args or AnalyzeArguments(), accelerator, eval_data, train_data, collate_fn,
-                         model_class).analyze()
+        analysis = _Analysis(run_dir, args or AnalyzeArguments(), accelerator, eval_data, train_data, collate_fn,
+                             model_class)
+        try:
+            return analysis.analyze()
+        finally:
+            analysis.inputs.close()
 
 
 class _Analysis:
@@ -156,7 +160,9 @@ class _Analysis:
         self.args, self.accelerator, self.model_class = args, accelerator, model_class
         self.given = {"eval_data": eval_data, "train_data": train_data, "collate_fn": collate_fn}
         given = any(v is not None for v in self.given.values()) or model_class is not None
-        self.inputs = RunInputs.read(self.run, verify_data=eval_data is None or train_data is None)
+        self.timer = StageTimer()
+        with self.timer.stage("read the run directory"):
+            self.inputs = RunInputs.read(self.run, verify_data=eval_data is None or train_data is None)
         self.config = self.inputs.config
         # what every measure depends on besides the models: the arguments (and data that was passed in,
         # which is never reused: it has no checksum)
@@ -170,7 +176,6 @@ class _Analysis:
         self._ready = False
         self._models: dict[str, torch.nn.Module] = {}
         self._sums: dict[tuple[str, str], EvalSums] = {}
-        self.timer = StageTimer()
 
     # ---- data and models (loaded only when a pair must be measured) ---------------------------
     def _prepare(self) -> None:
@@ -181,6 +186,8 @@ class _Analysis:
                                    autocast_dtype=args.autocast.dtype, weights_dtype=args.autocast.weights_dtype)
         self.timer.device = self.evaluator.device
         with self.timer.stage("load and collate data"):
+            if self.given["eval_data"] is None or self.given["train_data"] is None:
+                self.verify("data")
             collate = self.given["collate_fn"] or run_collator(run)
             eval_dataset = self.given["eval_data"]
             if eval_dataset is None:
@@ -216,6 +223,7 @@ class _Analysis:
         adapter merged into a copy of the base)."""
         if name not in self._models:
             self.timer.mark_startup()
+            self.verify(name.removesuffix(MERGED), "base")
             with self.timer.stage("load models"):
                 if name.endswith(MERGED):
                     self._models[name] = copy.deepcopy(self.model(name[: -len(MERGED)])).merge_and_unload()
@@ -225,6 +233,11 @@ class _Analysis:
                     t, k = (int(part[1:]) for part in name.split("/"))
                     self._models[name] = load_run_model(self.run, self.run.child_final(t, k), self.model_class)
         return self._models[name]
+
+    def verify(self, *parts: str) -> None:
+        """Wait for the checksums of ``parts`` and compare them with their records (RunInputs.verify)."""
+        with self.timer.stage("verify checksums"):
+            self.inputs.verify(*parts)
 
     def merged(self, name: str) -> str:
         """The name of the model's merged weights (a PEFT study), or the model itself."""
@@ -374,6 +387,8 @@ class _Analysis:
                     self.cross_check(child, pair)
                 pairs.append(pair)
         self.keep_only()
+        with self.timer.stage("verify checksums"):
+            self.inputs.verify_all()  # every file the report stands on, the reused pairs' included
         with self.timer.stage("report"):
             report = self.report(pairs)
         logger.info("Measured %d pair(s); reused %d of the earlier report, whose inputs are unchanged.", measured,

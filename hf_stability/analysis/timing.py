@@ -3,8 +3,9 @@
 Stages nest (the loss barriers of a pair run inside that pair), so each second is counted in the
 innermost stage only; on a GPU a stage ends with a synchronisation, so kernels still running are
 counted in the stage that launched them, not the next. ``startup_s`` is the time from the start of
-the process to the first model load: imports, reading and checking the run directory, loading
-and collating the data.
+the process to the first model load: ``before_analysis_s`` (the interpreter, imports, the
+arguments: process start to this timer's creation), then the stages before that load (reading
+the run directory, loading and collating the data, waiting for checksums).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class StageTimer:
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
         self.startup_s: float | None = None
+        self.before_analysis_s = process_age()
         self._started = time.perf_counter()
         self._nested: list[float] = []  # per open stage: the seconds of the stages nested in it
 
@@ -75,7 +77,8 @@ class StageTimer:
         stages = {name: {"seconds": s, "calls": self.calls[name]}
                   for name, s in sorted(self.seconds.items(), key=lambda item: -item[1])}
         slowest = next(iter(stages), None)
-        return {"startup_s": self.startup_s, "analysis_s": total, "stages": stages, "slowest_stage": slowest,
+        return {"startup_s": self.startup_s, "before_analysis_s": self.before_analysis_s, "analysis_s": total,
+                "stages": stages, "slowest_stage": slowest,
                 "device": str(self.device) if self.device is not None else None}
 
     def log(self) -> None:
