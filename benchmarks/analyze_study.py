@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--train-only", action="store_true", help="train the study (into --run-dir) and stop")
     parser.add_argument("--output", default=None)
     cli = parser.parse_args()
+    if cli.train_only and not cli.run_dir:
+        parser.error("--train-only keeps the study only with --run-dir DIR")
     root = Path(tempfile.mkdtemp(prefix="analyze-study-"))
     cuda = torch.cuda.is_available()
     try:

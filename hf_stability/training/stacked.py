@@ -331,9 +331,6 @@ def train_stacked_group(
     trainer, stability = study.trainer, study.stability
     spawn = study.spawn_checkpoint(run, t)
     template = trainer.model if trainer.model is not None else trainer.call_model_init()
-    # The children are perturbed where they train, as a child trained alone is: on a GPU the
-    # float64 scaling and norms of the perturbation run there, not on the CPU.
-    template = template.to(trainer.args.device)
     # The dataset columns the model takes come from its forward signature: read them now, from the
     # real model, not later from the stacked model's forward(**inputs).
     trainer._set_signature_columns_if_needed()
