@@ -345,17 +345,40 @@ class StackedDivergenceCallback(DivergenceCallback):
 
 
 class ChildLossCallback(TrainerCallback):
-    """Marks a child diverged at the first step whose training loss is NaN or Inf."""
+    """Marks a child diverged at the first step whose training loss is NaN or Inf.
 
-    def __init__(self, children: list[int], diverged: dict[int, dict[str, Any]]):
+    The check stays on the device, so that no step waits for the GPU: the first bad step and
+    loss of each child are kept there and read into ``diverged`` at ``sync_steps`` (the steps
+    whose divergence is measured, which read ``diverged`` next), at each logged step and at the
+    end of training; a child's siblings never depend on it in between (their slices are their own)."""
+
+    def __init__(self, children: list[int], diverged: dict[int, dict[str, Any]], sync_steps: Iterable[int] = ()):
         self.children, self.diverged = children, diverged
+        self.sync_steps = set(int(s) for s in sync_steps)
+        self._first_bad: torch.Tensor | None = None  # [K] step of the first non-finite loss (-1: none yet)
+        self._bad_loss: torch.Tensor | None = None  # [K] that loss
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         losses = kwargs["model"].last_losses
         if losses is None:
             return
-        for child, value in zip(self.children, losses.tolist()):
-            if not math.isfinite(value) and child not in self.diverged:
-                self.diverged[child] = {"step": state.global_step, "reason": f"training loss is {value}"}
-                logger.warning("Child %d diverged at step %d (loss %s); its siblings go on.", child,
-                               state.global_step, value)
+        if self._first_bad is None:
+            self._first_bad = torch.full(losses.shape, -1, dtype=torch.long, device=losses.device)
+            self._bad_loss = torch.zeros(losses.shape, dtype=torch.float32, device=losses.device)
+        new = ~torch.isfinite(losses) & (self._first_bad < 0)
+        self._first_bad = torch.where(new, state.global_step, self._first_bad)
+        self._bad_loss = torch.where(new, losses.float(), self._bad_loss)
+        if control.should_log or state.global_step in self.sync_steps or state.global_step >= state.max_steps:
+            self.collect()
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.collect()
+
+    def collect(self) -> None:
+        """Read the device's record of bad losses into ``diverged`` (one wait for the device)."""
+        if self._first_bad is None:
+            return
+        for child, step, value in zip(self.children, self._first_bad.tolist(), self._bad_loss.tolist()):
+            if step >= 0 and child not in self.diverged:
+                self.diverged[child] = {"step": step, "reason": f"training loss is {value}"}
+                logger.warning("Child %d diverged at step %d (loss %s); its siblings go on.", child, step, value)

@@ -213,21 +213,22 @@ def available_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def clip_per_child(model: StackedModel, max_norm: float | None) -> float:
+def clip_per_child(model: StackedModel, max_norm: float | None) -> torch.Tensor:
     """Each child's gradient norm, and (with ``max_norm`` > 0) clipping of each child on its own,
     as torch's clip_grad_norm_ does for one model. Returns the mean norm over the children whose
-    norm is finite (what the Trainer logs as grad_norm); a NaN child never touches the others."""
+    norm is finite (what the Trainer logs as grad_norm; NaN if none is), as a tensor on the device,
+    so that no step waits for it; a NaN child never touches the others."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
-        return 0.0
+        return torch.zeros(())
     k = grads[0].shape[0]
     norms = torch.stack([g.reshape(k, -1).float().norm(dim=1) for g in grads]).norm(dim=0)
     if max_norm is not None and max_norm > 0:
         coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
         for g in grads:
             g.mul_(coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
-    finite = norms[torch.isfinite(norms)]
-    return float(finite.mean()) if finite.numel() else float("nan")
+    finite = torch.isfinite(norms)
+    return torch.where(finite, norms, 0.0).sum() / finite.sum()  # 0 / 0: NaN when no child is finite
 
 
 # ---- policy -------------------------------------------------------------------------------------
@@ -380,7 +381,8 @@ def train_stacked_group(
     settings = RunSettings(
         output_dir=group_dir,
         callbacks=[
-            ChildLossCallback(children, diverged),
+            ChildLossCallback(children, diverged, sync_steps=divergence_steps(t, study.max_steps,
+                                                                              stability.divergence_every)),
             StackedDivergenceCallback(
                 children, diverged, output_files={k: run.divergence_file(t, k) for k in pending}, spawn_step=t,
                 steps=divergence_steps(t, study.max_steps, stability.divergence_every),
@@ -394,8 +396,10 @@ def train_stacked_group(
         stacked_optimizer_state=stacked_optimizer_state(spawn / OPTIMIZER_NAME, len(children)),
         model=stacked,
         model_init=stacked_init if original_init is not None else None,
-        # no intermediate checkpoints or evaluations of the stack: each child is evaluated at the end
-        args={"save_strategy": "no", "eval_strategy": "no"},
+        # no intermediate checkpoints or evaluations of the stack: each child is evaluated at the end.
+        # The stack's logged loss is the sum of its children's (a diverged child is reported on its
+        # own): the Trainer's NaN filter, which waits for the device at every step, is off.
+        args={"save_strategy": "no", "eval_strategy": "no", "logging_nan_inf_filter": False},
     )
     with run_scope(trainer, settings):
         study.train_run(spawn, settings.callbacks)

@@ -43,6 +43,7 @@ from .analysis_data import save_analysis_data, save_base_model
 from .callbacks import DivergenceCallback, ParentTrajectoryCallback, PerturbationCallback, SpawnCheckpointCallback
 from .determinism import deterministic_algorithms
 from .divergence import compared_parameters, divergence_steps
+from .final_writer import FinalWriter, can_write_in_background
 from .identity import run_config
 from .preflight import check_study
 from .result import ButterflyResult
@@ -113,6 +114,7 @@ class ButterflyStudy:
         # what children can differ from the parent in: the trainable parameters (see compared_parameters)
         self.trainable_only = self.stability.perturbation_trainable_only
         self._checked_spawns: set[int] = set()
+        self.writer: FinalWriter | None = None  # the children's final/ writes, while later children train
 
     # ---- the study, top to bottom ------------------------------------------------------------
     def run(self) -> ButterflyResult:
@@ -208,19 +210,25 @@ class ButterflyStudy:
         missing ones."""
         stability = self.stability
         total = sum(len(stability.children_at(t)) for t in stability.spawn_steps)
-        with tqdm(total=total, desc="children", unit="child", disable=not self.trainer.is_world_process_zero(),
-                  position=0) as progress:
-            for t in stability.spawn_steps:
-                for group in stability.child_groups(t):
-                    pending = [k for k in group if run.child_status(t, k) == "pending"]
-                    progress.update(len(group) - len(pending))
-                    if not pending:
-                        continue
-                    if len(group) > 1:
-                        train_stacked_group(self, run, t, group, pending)
-                    else:
-                        self.train_child(run, t, group[0])
-                    progress.update(len(pending))
+        self.writer = FinalWriter()
+        try:
+            with tqdm(total=total, desc="children", unit="child", disable=not self.trainer.is_world_process_zero(),
+                      position=0) as progress:
+                for t in stability.spawn_steps:
+                    for group in stability.child_groups(t):
+                        pending = [k for k in group if run.child_status(t, k) == "pending"]
+                        progress.update(len(group) - len(pending))
+                        if not pending:
+                            continue
+                        if len(group) > 1:
+                            train_stacked_group(self, run, t, group, pending)
+                        else:
+                            self.train_child(run, t, group[0])
+                        progress.update(len(pending))
+            self.writer.wait()
+        finally:
+            self.writer.close()
+            self.writer = None
 
     def train_child(self, run: RunDirectory, t: int, k: int) -> None:
         """Child k of spawn step t: resumed from its own latest checkpoint, else from the spawn
@@ -256,10 +264,9 @@ class ButterflyStudy:
                     write_json(run.diverged_file(t, k), {"step": err.step, "reason": err.reason})
                 trainer.accelerator.wait_for_everyone()
                 return
-            self.finalize(run.child_final(t, k), self.child_records(run, t, k))
-        if trainer.is_world_process_zero() and not self.stability.keep_child_checkpoints:
-            for checkpoint in directory.glob("checkpoint-*"):
-                shutil.rmtree(checkpoint, ignore_errors=True)
+            # the child's checkpoints go once its final/ is written (a killed write resumes from them)
+            self.finalize(run.child_final(t, k), self.child_records(run, t, k),
+                          then=None if self.stability.keep_child_checkpoints else lambda: _drop_checkpoints(directory))
 
     def finish(self, run: RunDirectory) -> ButterflyResult:
         """Drop the parent's snapshots a finished study does not keep; the summary."""
@@ -305,12 +312,25 @@ class ButterflyStudy:
             if isinstance(callback, DivergenceCallback):
                 callback.complete_record(trainer.state, trainer.model)
 
-    def finalize(self, final_dir: Path, records: dict[str, Path]) -> None:
+    def finalize(self, final_dir: Path, records: dict[str, Path], then: Callable[[], None] | None = None) -> None:
         """Evaluate, then write ``final/`` (weights, config, tokenizer, eval results and the run's
-        manifest) in one rename. The manifest holds the checksums of final/'s files and of
-        ``records`` (the run's other files, by their names in the run's folder)."""
+        manifest) in one rename, and call ``then``. The manifest holds the checksums of final/'s
+        files and of ``records`` (the run's other files, by their names in the run's folder).
+        A child's files are written by the study's FinalWriter, in the background, where it can."""
         trainer = self.trainer
         metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+        def write_records(tmp: Path) -> None:
+            write_json(tmp / EVAL_RESULTS_NAME, numbers)
+            write_manifest(tmp / MANIFEST_NAME, {**named_files(tmp, final_dir.name), **records}, self.fingerprint)
+
+        if self.writer is not None and can_write_in_background(trainer):
+            processing_class = trainer.processing_class
+            if processing_class is None:  # what Trainer._save saves in its place
+                processing_class = getattr(trainer.data_collator, "tokenizer", None)
+            self.writer.submit(final_dir, trainer.model, processing_class, write_records, then)
+            return
         tmp = final_dir.with_name(".final.tmp")
         if trainer.is_world_process_zero() and tmp.exists():
             shutil.rmtree(tmp)
@@ -318,10 +338,10 @@ class ButterflyStudy:
         trainer.save_model(str(tmp))
         if trainer.is_world_process_zero():
             (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle: not part of the run directory
-            numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-            write_json(tmp / EVAL_RESULTS_NAME, numbers)
-            write_manifest(tmp / MANIFEST_NAME, {**named_files(tmp, final_dir.name), **records}, self.fingerprint)
+            write_records(tmp)
             os.replace(tmp, final_dir)
+            if then is not None:
+                then()
         trainer.accelerator.wait_for_everyone()
 
     # ---- the run directory's files a study reads or records ----------------------------------
@@ -398,6 +418,11 @@ class ButterflyStudy:
         """Rank 0's choice of a checkpoint, shared with every rank."""
         shared = self.broadcast(str(path) if path is not None else None)
         return Path(shared) if shared is not None else None
+
+
+def _drop_checkpoints(directory: Path) -> None:
+    for checkpoint in directory.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 def _load_parameters(model: nn.Module, path: Path, trainable_only: bool) -> None:
