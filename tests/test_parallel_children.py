@@ -17,7 +17,14 @@ from torch.nn import functional as F
 
 from hf_stability import StabilityArguments
 from hf_stability.errors import HfStabilityError
-from hf_stability.training.stacked import SameMaskDropout, _activation_shape, estimate_bytes, use_eager_attention
+from hf_stability.training.stacked import (
+    SameMaskDropout,
+    StackedModel,
+    _activation_shape,
+    clip_per_child,
+    estimate_bytes,
+    use_eager_attention,
+)
 
 
 def _study(out, parallel, **overrides):
@@ -173,3 +180,20 @@ def test_auto_parallel_children_stacks_what_fits_and_else_trains_one_child_at_a_
     assert "parallel_children=auto trains the children one after the other: optim='sgd'" in caplog.text
     assert json.loads((run / "stability_config.json").read_text())["stacked_numerics"] is False
     assert _relative(run / "parent/final", run / "children/t4/c0/final") == 0.0
+
+
+def test_per_child_clipping_clips_each_child_alone_and_logs_the_mean_of_the_finite_norms():
+    stacked = StackedModel([nn.Linear(3, 2), nn.Linear(3, 2), nn.Linear(3, 2)])
+    for p in stacked.parameters():
+        p.grad = torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape) + 1.0
+        p.grad[2] = float("nan")  # child 2's gradient is NaN
+    alone = [torch.cat([p.grad[k].reshape(-1) for p in stacked.parameters()]).norm() for k in range(3)]
+    mean = clip_per_child(stacked, max_norm=0.5)
+    assert isinstance(mean, torch.Tensor)  # no wait for the device
+    assert mean.item() == pytest.approx(float((alone[0] + alone[1]) / 2))
+    for k in range(2):  # each finite child clipped to 0.5 on its own
+        assert torch.cat([p.grad[k].reshape(-1) for p in stacked.parameters()]).norm().item() == pytest.approx(0.5,
+                                                                                                              rel=1e-5)
+    for p in stacked.parameters():
+        p.grad.fill_(float("inf"))
+    assert math.isnan(clip_per_child(stacked, max_norm=None).item())  # no finite child: NaN, as one child's would be

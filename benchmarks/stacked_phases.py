@@ -1,0 +1,114 @@
+"""Wall time of the phases of stacked children, and of the perturbation set-up of 8 children.
+
+children_throughput.py's study (MiniLM-shaped BERT, 16 children x 60 steps, batch 32 x 128).
+First the set-up of 8 perturbed children (copy, spawn weights, Gaussian noise at scale 0.01)
+three ways: in 8 threads, one after the other, and in 8 threads with one intra-op thread each.
+Then ``butterfly()`` of the children with K = 8 and K = 1 while ButterflyStudy's methods are timed
+(each with a device synchronisation): ``train_run`` (the Trainer's train()), ``finalize`` (final
+evaluation and the hand-over to the FinalWriter), the FinalWriter's last wait and, for K = 8, each
+whole group; a group's set-up (perturbing and stacking) is its total less the others. Prints.
+
+    python benchmarks/stacked_phases.py [--fp32]
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from children_throughput import _data, _model
+from transformers import TrainingArguments
+
+from hf_stability import StabilityArguments, StabilityTrainer
+from hf_stability.perturb import PerturbationConfig
+from hf_stability.perturb.apply import perturb_model
+from hf_stability.training import final_writer, stacked, study
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def setup_times() -> dict[str, float]:
+    template = _model().cuda()
+    weights = {k: v.cpu().clone() for k, v in template.state_dict().items()}
+    config = PerturbationConfig(scale=0.01)
+
+    def child(k: int) -> torch.nn.Module:
+        model = copy.deepcopy(template)
+        model.load_state_dict(weights, strict=False)
+        perturb_model(model, config, step=0, child=k)
+        return model
+
+    child(0)
+    result = {"threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    result["setup_threads16"] = timed(lambda: list(ThreadPoolExecutor(8).map(child, range(1, 9))))
+    result["setup_sequential"] = timed(lambda: [child(k) for k in range(1, 9)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    result["setup_threads_1intraop"] = timed(lambda: list(ThreadPoolExecutor(8).map(child, range(1, 9))))
+    torch.set_num_threads(threads)
+    result["one_child_deepcopy_load"] = timed(lambda: copy.deepcopy(template).load_state_dict(weights, strict=False))
+    return result
+
+
+def wrap(owner, name: str, key: str, phases: dict[str, float]) -> None:
+    original = getattr(owner, name)
+
+    def timed_call(*args, **kwargs):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            torch.cuda.synchronize()
+            phases[key] = phases.get(key, 0.0) + time.perf_counter() - started
+
+    setattr(owner, name, timed_call)
+
+
+def main() -> None:
+    bf16 = "--fp32" not in sys.argv
+    print(json.dumps(setup_times(), indent=1), flush=True)
+    phases: dict[str, float] = {}
+    wrap(study.ButterflyStudy, "train_run", "train_run", phases)
+    wrap(study.ButterflyStudy, "finalize", "finalize (eval + hand-over)", phases)
+    wrap(final_writer.FinalWriter, "wait", "writer wait", phases)
+    wrap(study, "train_stacked_group", "group total", phases)
+    wrap(stacked, "stacked_optimizer_state", "optimizer state", phases)
+    train, test = _data(32 * 60, 128, 0), _data(256, 128, 1)
+    for k in (8, 1):
+        root = Path(tempfile.mkdtemp())
+        trainer = StabilityTrainer(
+            model_init=_model,
+            args=TrainingArguments(str(root), max_steps=60, per_device_train_batch_size=32,
+                                   per_device_eval_batch_size=128, learning_rate=1e-4, warmup_steps=5, bf16=bf16,
+                                   save_strategy="no", report_to="none", logging_steps=20, disable_tqdm=True, seed=0),
+            train_dataset=train, eval_dataset=test,
+            stability_args=StabilityArguments(spawn_steps=[0], num_children=15, parallel_children=k,
+                                              perturbation_scale=0.01, divergence_every=20,
+                                              keep_parent_trajectory=True),
+        )
+        trainer.butterfly()
+        for child in root.glob("children/*"):
+            shutil.rmtree(child)
+        phases.clear()
+        seconds = timed(trainer.butterfly)
+        print(f"K={k} total {seconds:.2f} s", {key: round(value, 3) for key, value in phases.items()}, flush=True)
+        shutil.rmtree(root)
+
+
+if __name__ == "__main__":
+    main()
