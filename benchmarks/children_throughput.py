@@ -45,6 +45,23 @@ def _model() -> BertForSequenceClassification:
                                                     intermediate_size=1536, num_labels=3))
 
 
+def study_trainer(root: Path, train: Dataset, test: Dataset, parallel_children: int, bf16: bool, tf32: bool = False,
+                  steps: int = 60, batch: int = 32, children: int = 16) -> StabilityTrainer:
+    """This benchmark's study on ``root``: ``children`` children of spawn step 0 (the control
+    included), divergence every 20 steps, each child evaluated on ``test``."""
+    return StabilityTrainer(
+        model_init=_model,
+        args=TrainingArguments(str(root), max_steps=steps, per_device_train_batch_size=batch,
+                               per_device_eval_batch_size=128, learning_rate=1e-4, warmup_steps=5,
+                               bf16=bf16, tf32=tf32 or None, save_strategy="no", report_to="none",
+                               logging_steps=20, disable_tqdm=True, seed=0),
+        train_dataset=train, eval_dataset=test,
+        stability_args=StabilityArguments(spawn_steps=[0], num_children=children - 1,
+                                          parallel_children=parallel_children, perturbation_scale=0.01,
+                                          divergence_every=20, keep_parent_trajectory=True),
+    )
+
+
 def profile_stacked_step(k: int, args: argparse.Namespace, path: Path) -> None:
     """A torch.profiler table of one training step of ``k`` stacked children (after two warm-up steps)."""
     from hf_stability.training.stacked import StackedModel, use_eager_attention
@@ -93,17 +110,7 @@ def main() -> None:
             root = roots[k > 1]
             for child_dir in root.glob("children/*"):
                 shutil.rmtree(child_dir)
-            trainer = StabilityTrainer(
-                model_init=_model,
-                args=TrainingArguments(str(root), max_steps=args.steps, per_device_train_batch_size=args.batch,
-                                       per_device_eval_batch_size=128, learning_rate=1e-4, warmup_steps=5,
-                                       bf16=args.bf16, tf32=args.tf32 or None, save_strategy="no", report_to="none",
-                                       logging_steps=20, disable_tqdm=True, seed=0),
-                train_dataset=train, eval_dataset=test,
-                stability_args=StabilityArguments(spawn_steps=[0], num_children=children - 1, parallel_children=k,
-                                                  perturbation_scale=0.01, divergence_every=20,
-                                                  keep_parent_trajectory=True),
-            )
+            trainer = study_trainer(root, train, test, k, args.bf16, args.tf32, args.steps, args.batch, children)
             if not (root / "parent" / "final").is_dir():
                 trainer.butterfly()  # the parent (and a first set of children, discarded)
                 for child_dir in root.glob("children/*"):

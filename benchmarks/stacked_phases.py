@@ -24,10 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from children_throughput import _data, _model
-from transformers import TrainingArguments
+from children_throughput import _data, _model, study_trainer
 
-from hf_stability import StabilityArguments, StabilityTrainer
 from hf_stability.perturb import PerturbationConfig
 from hf_stability.perturb.apply import perturb_model
 from hf_stability.training import final_writer, stacked, study
@@ -91,16 +89,7 @@ def main() -> None:
     train, test = _data(32 * 60, 128, 0), _data(256, 128, 1)
     for k in (8, 1):
         root = Path(tempfile.mkdtemp())
-        trainer = StabilityTrainer(
-            model_init=_model,
-            args=TrainingArguments(str(root), max_steps=60, per_device_train_batch_size=32,
-                                   per_device_eval_batch_size=128, learning_rate=1e-4, warmup_steps=5, bf16=bf16,
-                                   save_strategy="no", report_to="none", logging_steps=20, disable_tqdm=True, seed=0),
-            train_dataset=train, eval_dataset=test,
-            stability_args=StabilityArguments(spawn_steps=[0], num_children=15, parallel_children=k,
-                                              perturbation_scale=0.01, divergence_every=20,
-                                              keep_parent_trajectory=True),
-        )
+        trainer = study_trainer(root, train, test, k, bf16)
         trainer.butterfly()
         for child in root.glob("children/*"):
             shutil.rmtree(child)

@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-from children_throughput import _data, _model
+from children_throughput import _data, study_trainer
 from torch.profiler import ProfilerActivity, profile
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 
-from hf_stability import StabilityArguments, StabilityTrainer
 from hf_stability.training import study as study_module
 
 
@@ -59,15 +58,7 @@ def main() -> None:
     steps = StepTimes()
     train, test = _data(32 * 60, 128, 0), _data(256, 128, 1)
     root = Path(tempfile.mkdtemp())
-    trainer = StabilityTrainer(
-        model_init=_model,
-        args=TrainingArguments(str(root), max_steps=60, per_device_train_batch_size=32, per_device_eval_batch_size=128,
-                               learning_rate=1e-4, warmup_steps=5, bf16=bf16, save_strategy="no", report_to="none",
-                               logging_steps=20, disable_tqdm=True, seed=0),
-        train_dataset=train, eval_dataset=test,
-        stability_args=StabilityArguments(spawn_steps=[0], num_children=15 if k > 1 else 3, parallel_children=k,
-                                          perturbation_scale=0.01, divergence_every=20, keep_parent_trajectory=True),
-    )
+    trainer = study_trainer(root, train, test, k, bf16, children=16 if k > 1 else 4)
     trainer.butterfly()
     for child in root.glob("children/*"):
         shutil.rmtree(child)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_bert, tiny_bert_config, training_args
+from helpers import peft_bert, tiny_bert, tiny_bert_config, training_args
 from transformers import BertForMaskedLM, Trainer
 
 from hf_stability.data import load_tokenizer
@@ -51,6 +51,18 @@ def test_background_files_are_those_save_model_writes(tmp_path, make_model):
     assert _digests(final) == _digests(tmp_path / "reference")
     assert written == [1]
     assert not list((tmp_path / "children").glob(".*"))  # no temporary folder left
+
+
+def test_a_peft_model_or_a_trainer_that_saves_its_own_way_is_written_in_place(tmp_path):
+    args = training_args(tmp_path / "out")
+    assert not can_write_in_background(Trainer(model=peft_bert(), args=args))  # its adapter, not a state dict
+
+    class OwnSave(Trainer):
+        def _save(self, output_dir=None, state_dict=None):
+            super()._save(output_dir, state_dict)
+
+    assert not can_write_in_background(OwnSave(model=tiny_bert(0), args=args))
+    assert can_write_in_background(Trainer(model=tiny_bert(0), args=args))
 
 
 def test_host_copy_keeps_shared_storage():

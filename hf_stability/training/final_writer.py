@@ -112,16 +112,17 @@ class FinalWriter:
             return
         state_dict = host_copy(model.state_dict())
         size = _bytes(state_dict)
-        self._collect(done_only=True)
+        self._raise_finished()
         while self._pending and sum(b for _, b in self._pending) + size > self.budget_bytes:
-            self._collect(done_only=False, first_only=True)
+            self._pending.pop(0)[0].result()  # the oldest write, finished (or its failure raised)
         future = self._pool.submit(_write_final, Path(final_dir), model, state_dict, processing_class,
                                    write_records, then)
         self._pending.append((future, size))
 
     def wait(self) -> None:
-        """Wait for every write; raise the first failure."""
-        self._collect(done_only=False)
+        """Wait for every write, oldest first; raise the first failure (``close`` waits for the rest)."""
+        while self._pending:
+            self._pending.pop(0)[0].result()
 
     def close(self) -> None:
         """Wait for the writes in flight without raising (used while another error propagates)."""
@@ -132,19 +133,13 @@ class FinalWriter:
         self._pending.clear()
         self._pool.shutdown(wait=True)
 
-    def _collect(self, done_only: bool, first_only: bool = False) -> None:
-        kept: list[tuple[Future, int]] = []
-        failure: BaseException | None = None
-        for index, (future, size) in enumerate(self._pending):
-            if (done_only and not future.done()) or (first_only and index > 0):
-                kept.append((future, size))
-                continue
-            error = future.exception()
-            if error is not None and failure is None:
-                failure = error
-        self._pending = kept
-        if failure is not None:
-            raise failure
+    def _raise_finished(self) -> None:
+        """Forget the writes that are done; raise the first failure among them."""
+        done = {id(future) for future, _ in self._pending if future.done()}
+        finished = [future for future, _ in self._pending if id(future) in done]
+        self._pending = [(future, size) for future, size in self._pending if id(future) not in done]
+        for future in finished:
+            future.result()
 
 
 def _write_final(final_dir: Path, model: nn.Module, state_dict: dict[str, Any], processing_class: Any,

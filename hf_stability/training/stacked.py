@@ -371,6 +371,7 @@ def train_stacked_group(
     group_dir.mkdir(parents=True)
     diverged: dict[int, dict[str, Any]] = {}
     original_init = trainer.model_init
+    measured = divergence_steps(t, study.max_steps, stability.divergence_every)
 
     def stacked_init() -> nn.Module:
         # Build (and drop) one model as train() would: the global RNG then stands where it stands
@@ -381,11 +382,10 @@ def train_stacked_group(
     settings = RunSettings(
         output_dir=group_dir,
         callbacks=[
-            ChildLossCallback(children, diverged, sync_steps=divergence_steps(t, study.max_steps,
-                                                                              stability.divergence_every)),
+            ChildLossCallback(children, diverged, sync_steps=measured),
             StackedDivergenceCallback(
                 children, diverged, output_files={k: run.divergence_file(t, k) for k in pending}, spawn_step=t,
-                steps=divergence_steps(t, study.max_steps, stability.divergence_every),
+                steps=measured,
                 path_for=lambda step: study.reference_file(run, step), logs=trainer.divergence_logs,
             ),
         ],
