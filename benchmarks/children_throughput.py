@@ -3,9 +3,9 @@ MiniLM-shaped BERT (6 layers, 384 hidden, 12 heads; random init, synthetic token
 one after the other (parallel_children=1) and K at a time as one stacked model (K = 4, 8, 16).
 
 The parent is trained once for K = 1 and once for the stacked settings (a run created with
-parallel_children > 1 trains every model with stacked children's dropout and, on CUDA, eager
-attention: docs/parallel_children.md); each setting then trains only the children. Reports wall time,
-child-steps per second, the ratio to sequential and peak GPU memory. --profile writes a
+parallel_children > 1 trains every model with stacked children's dropout: docs/parallel_children.md);
+each setting then trains only the children. Reports wall time, child-steps per second, the ratio to
+sequential, peak GPU memory and how far the control child ends from its parent (relative L2). --profile writes a
 torch.profiler table of one training step of 8 stacked children (forward, backward, fused AdamW,
 under the run's precision) beside the JSON. Prints and writes JSON.
 
@@ -25,6 +25,7 @@ import torch
 from datasets import Dataset
 from profile_table import device_name, write_profile
 from report import emit
+from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
 from hf_stability import StabilityArguments, StabilityTrainer
@@ -43,6 +44,13 @@ def _model() -> BertForSequenceClassification:
     torch.manual_seed(0)
     return BertForSequenceClassification(BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                                                     intermediate_size=1536, num_labels=3))
+
+
+def _relative_l2(a: Path, b: Path) -> float:
+    """||a - b|| / ||a|| over every tensor of two final/ folders (the control against its parent)."""
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    num = sum(float((wa[n].double() - wb[n].double()).pow(2).sum()) for n in wa)
+    return (num / sum(float(w.double().pow(2).sum()) for w in wa.values())) ** 0.5
 
 
 def study_trainer(root: Path, train: Dataset, test: Dataset, parallel_children: int, bf16: bool, tf32: bool = False,
@@ -64,11 +72,10 @@ def study_trainer(root: Path, train: Dataset, test: Dataset, parallel_children: 
 
 def profile_stacked_step(k: int, args: argparse.Namespace, path: Path) -> None:
     """A torch.profiler table of one training step of ``k`` stacked children (after two warm-up steps)."""
-    from hf_stability.training.stacked import StackedModel, use_eager_attention
+    from hf_stability.training.stacked import StackedModel
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     stacked = StackedModel([_model() for _ in range(k)]).to(device).train()
-    use_eager_attention(stacked.template)
     optimizer = torch.optim.AdamW(stacked.parameters(), lr=1e-4, fused=device == "cuda")
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 30000, (args.batch, args.seq_len), generator=g).to(device)
@@ -128,9 +135,12 @@ def main() -> None:
             seconds = time.perf_counter() - started
             rows.append({"parallel_children": k, "seconds": seconds,
                          "child_steps_per_s": children * args.steps / seconds,
-                         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30})
+                         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
+                         "control_vs_parent_l2": _relative_l2(root / "parent" / "final",
+                                                              root / "children" / "t0" / "c0" / "final")})
             print(f"K={k:>2}: {seconds:7.1f} s for {children} children x {args.steps} steps, "
-                  f"{rows[-1]['child_steps_per_s']:7.1f} child-steps/s, peak {rows[-1]['peak_gpu_gib']:.2f} GiB")
+                  f"{rows[-1]['child_steps_per_s']:7.1f} child-steps/s, peak {rows[-1]['peak_gpu_gib']:.2f} GiB, "
+                  f"control vs parent {rows[-1]['control_vs_parent_l2']:.2e}")
     finally:
         for root in roots.values():
             shutil.rmtree(root, ignore_errors=True)

@@ -112,6 +112,89 @@ def test_same_mask_dropout_draws_the_masks_that_stacked_children_draw():
     assert out is y and torch.equal(y, native)
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_stacked_children_draw_the_attention_dropout_and_gradients_of_a_model_alone(device, bf16):
+    """The per-child attention of stacked children (stacked_attention.py): with attention dropout
+    only, and a padded batch, each child's logits and gradients are those of its model alone from
+    the same RNG state, and the RNG ends where one model leaves it."""
+    # weights large enough (init 0.3) that another dropout mask moves the logits by about 2
+    models = [tiny_bert(seed, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.5, initializer_range=0.3)
+              .to(device).train() for seed in range(3)]
+    stacked = StackedModel(models).train()
+    ids = torch.randint(1000, 2000, (4, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # padding: the attention mask reaches SDPA
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 2, 1], device=device)}
+
+    def forward(model, seed=7):
+        torch.manual_seed(seed)
+        with torch.autocast(device, torch.bfloat16, enabled=bf16):
+            return model(**batch)
+
+    def relative(a, b):
+        a, b = a.detach().float(), b.detach().float()
+        return float((a - b).norm() / b.norm())
+
+    out = forward(stacked)
+    out["loss"].backward()
+    after = torch.rand(4, device=device)
+    # bf16 matmuls of a stack and of one model may round differently; the masks are the same
+    tolerance = 2e-2 if bf16 else 1e-5
+    for index, model in enumerate(models):
+        alone = forward(model)
+        alone.loss.backward()
+        assert torch.equal(torch.rand(4, device=device), after)
+        assert relative(out["logits"][index], alone.logits) < tolerance
+        # the whole gradient at once (some entries, a key bias, are zero up to rounding)
+        names = [name for name, _ in model.named_parameters()]
+        assert relative(torch.cat([stacked.template.get_parameter(n).grad[index].flatten() for n in names]),
+                        torch.cat([model.get_parameter(n).grad.flatten() for n in names])) < tolerance
+        with torch.no_grad():  # another mask is far outside the tolerance: the comparison sees masks
+            assert relative(forward(model, seed=8).logits, alone.logits) > 5 * tolerance
+
+
+@pytest.mark.parametrize("mask_per_child", [False, True], ids=["shared-mask", "mask-per-child"])
+def test_per_child_attention_gives_every_input_its_gradient_alone(mask_per_child):
+    """Under vmap, PerChildAttention's output and the gradients of queries, values and a learnt
+    mask (shared by the children: the sum of theirs) are those of each child alone; keys that
+    need no gradient get none."""
+    from hf_stability.training.stacked_attention import PerChildAttention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 4, 8, 16, generator=g) for _ in range(3))
+    q.requires_grad_(), v.requires_grad_()
+    mask = torch.randn(*((3,) if mask_per_child else ()), 2, 1, 8, 8, generator=g).requires_grad_()
+
+    def attention(q, k, v, m):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=0.3)
+
+    torch.manual_seed(5)
+    with PerChildAttention():
+        out = vmap(attention, in_dims=(0, 0, 0, 0 if mask_per_child else None), randomness="same")(q, k, v, mask)
+    grad = torch.randn(out.shape, generator=g)
+    out.backward(grad)
+    assert k.grad is None
+    mask_total = torch.zeros_like(mask)
+    for i in range(3):
+        qi, vi = q[i].detach().requires_grad_(), v[i].detach().requires_grad_()
+        mi = (mask[i] if mask_per_child else mask).detach().requires_grad_()
+        torch.manual_seed(5)
+        alone = attention(qi, k[i], vi, mi)
+        alone.backward(grad[i])
+        assert torch.allclose(alone, out[i], atol=1e-6)
+        assert torch.allclose(qi.grad, q.grad[i], atol=1e-6) and torch.allclose(vi.grad, v.grad[i], atol=1e-6)
+        if mask_per_child:
+            assert torch.allclose(mi.grad, mask.grad[i], atol=1e-6)
+        else:
+            mask_total += mi.grad
+    if not mask_per_child:
+        assert torch.allclose(mask_total, mask.grad, atol=1e-6)
+
+
 def test_eager_attention_keeps_the_function_of_transformers_and_timm_models():
     from hf_stability.studies.image_classification import ImageModelArguments, build_image_model
 
@@ -197,3 +280,38 @@ def test_per_child_clipping_clips_each_child_alone_and_logs_the_mean_of_the_fini
     for p in stacked.parameters():
         p.grad.fill_(float("inf"))
     assert math.isnan(clip_per_child(stacked, max_norm=None).item())  # no finite child: NaN, as one child's would be
+
+
+def test_a_stacked_run_made_before_per_child_attention_keeps_eager_attention(tmp_path):
+    """A run's attention is fixed when it is created: one whose stability_config.json predates
+    per-child attention (no "stacked_attention") resumes with eager attention on CUDA for every
+    model, as its parent trained; a new one uses per-child SDPA."""
+    from hf_stability.run_directory import RunDirectory
+    from hf_stability.training.preflight import check_study
+    from hf_stability.training.stacked_attention import attention_for_stacked_run
+    from hf_stability.training.study import ButterflyStudy
+
+    def prepared(run_dir):
+        stability = StabilityArguments(spawn_steps=[4], num_children=1, parallel_children=2, perturbation_scale=0.5,
+                                       divergence_every=5)
+        trainer = tiny_trainer(run_dir, stability, max_steps=8, learning_rate=3e-3, max_grad_norm=0.5)
+        study = ButterflyStudy(trainer)
+        study.max_steps = check_study(trainer)
+        study.prepare(RunDirectory(run_dir))
+        return study
+
+    run = _study(tmp_path / "run", 2, max_steps=8, stability=dict(spawn_steps=[4], num_children=1)).run_dir
+    config = json.loads((run / "stability_config.json").read_text())
+    assert config["stacked_attention"] == "per_child" and prepared(run).eager_attention is False
+    del config["stacked_attention"]
+    (run / "stability_config.json").write_text(json.dumps(config))
+    assert prepared(run).eager_attention is True
+    # what each flag means for a model: eager on CUDA only for the old runs; else SDPA for any kernel
+    model = tiny_bert(0, attn_implementation="sdpa")
+    attention_for_stacked_run(model, eager=True, device=torch.device("cpu"))
+    assert model.config._attn_implementation == "sdpa"
+    attention_for_stacked_run(model, eager=True, device=torch.device("cuda"))
+    assert model.config._attn_implementation == "eager"
+    model.config._attn_implementation = "flash_attention_2"  # (not installed here: only the name is read)
+    attention_for_stacked_run(model, eager=False, device=torch.device("cuda"))
+    assert model.config._attn_implementation == "sdpa"

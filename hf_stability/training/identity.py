@@ -17,6 +17,7 @@ import torch
 
 from ..run_directory import FORMAT_VERSION, fingerprint
 from .determinism import hardware_record
+from .stacked_attention import PER_CHILD
 
 #: TrainingArguments that change where or how things are written, never the weights.
 NON_IDENTITY_TRAINING_ARGUMENTS = {
@@ -100,5 +101,6 @@ def run_config(trainer: Any, max_steps: int) -> dict[str, Any]:
         "hardware": hardware_record(trainer.args.device),
         # made for stacked children: every model trains with their dropout (and, on CUDA, attention)
         "stacked_numerics": stability.children_at_once > 1,
+        "stacked_attention": PER_CHILD,  # stacked children's attention runs child by child (stacked_attention.py)
         "identity": identity,
     }

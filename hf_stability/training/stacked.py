@@ -22,6 +22,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import pickle
+import random
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +43,7 @@ from ..hints import setting
 from ..perturb import PerturbationKind, perturb_model
 from ..run_directory import OPTIMIZER_NAME
 from .arguments import AUTO
+from .stacked_attention import PerChildAttention, use_eager_attention
 
 if TYPE_CHECKING:
     from ..run_directory import RunDirectory
@@ -55,9 +58,11 @@ ELEMENTWISE_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 class StackedModel(nn.Module):
     """K models of one architecture as one module with stacked parameters (see module docstring)."""
 
-    def __init__(self, models: list[nn.Module], stack_frozen: bool = False):
+    def __init__(self, models: list[nn.Module], stack_frozen: bool = False, eager_attention: bool = False):
         """``stack_frozen``: stack the frozen parameters too (children perturbed in them); by
-        default they stay one tensor that every child shares (a PEFT model's base: once, not K times)."""
+        default they stay one tensor that every child shares (a PEFT model's base: once, not K times).
+        ``eager_attention``: a run made before per-child attention (stacked_attention.py), whose
+        models all use eager attention on CUDA."""
         super().__init__()
         if len(models) < 1:
             raise ValueError("StackedModel needs at least one model.")
@@ -72,6 +77,7 @@ class StackedModel(nn.Module):
                 stacked = torch.stack([m.get_parameter(name).detach() for m in models])
                 setattr(module, attr, nn.Parameter(stacked.clone(), requires_grad=trainable))
         self.config = getattr(self.template, "config", None)
+        self.eager_attention = eager_attention
         self.last_losses: torch.Tensor | None = None
 
     def stacked_parameters(self) -> dict[str, torch.Tensor]:
@@ -83,7 +89,7 @@ class StackedModel(nn.Module):
         return {n: p[k] for n, p in self.stacked_parameters().items()}
 
     def forward(self, **inputs: Any) -> dict[str, torch.Tensor]:
-        if self.training and self.template.training and next(self.parameters()).is_cuda:
+        if self.eager_attention and self.training and self.template.training and next(self.parameters()).is_cuda:
             use_eager_attention(self.template)
         params = self.stacked_parameters()  # shared (frozen) parameters are the template's own
         buffers = dict(self.template.named_buffers())
@@ -92,7 +98,8 @@ class StackedModel(nn.Module):
             out = functional_call(self.template, (child_params, buffers), args=(), kwargs=inputs)
             return out["loss"], out["logits"]
 
-        losses, logits = vmap(one_child, randomness="same")(params)
+        with PerChildAttention():  # each child's attention as it alone computes it, dropout mask included
+            losses, logits = vmap(one_child, randomness="same")(params)
         self.last_losses = losses.detach()
         # Sum: child k's slice of the gradient is d loss_k / d theta_k. A NaN child stays in its slice.
         return {"loss": losses.sum(), "logits": logits}
@@ -126,26 +133,24 @@ class SameMaskDropout(TorchFunctionMode):
         return x.mul(mask).mul_(scale)
 
 
-def use_eager_attention(model: nn.Module) -> None:
-    """Switch ``model`` to eager attention, in transformers' modules and in timm's (``fused_attn``).
+def global_rng_state() -> dict[str, Any]:
+    """Python's, NumPy's, torch's CPU and every CUDA device's RNG state (what set_seed seeds)."""
+    import numpy as np
 
-    On CUDA, fused scaled-dot-product attention draws its dropout inside the kernel, which vmap
-    cannot share across children, and its backward fails under vmap for timm's layout (H100,
-    torch 2.11: "LSE is not correctly aligned (strideH)"). Stacked children therefore use the
-    eager attention there, and so must the parent and any child trained alone in the same run:
-    with another attention the dropout masks and the rounding differ, and the control child
-    would not follow its parent (measured on an H100: L2 1.8 instead of 1e-4 after 200 steps).
-    """
-    for module in model.modules():
-        if getattr(module, "fused_attn", False) is True:
-            module.fused_attn = False
-    config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) not in (None, "eager"):
-        logger.info("Using eager attention: stacked children on CUDA need it, and so does their parent.")
-        if hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation("eager")
-        else:
-            config._attn_implementation = "eager"
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state().numpy()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.numpy() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_global_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(torch.from_numpy(state["cpu"].copy()))
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all([torch.from_numpy(s.copy()) for s in state["cuda"]])
 
 
 def unstack_into(stacked: StackedModel, k: int, model: nn.Module) -> nn.Module:
@@ -363,7 +368,8 @@ def train_stacked_group(
     workers = 1 if global_rng else min(len(children), os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         models = list(pool.map(perturbed_child, children))
-    stacked = StackedModel(models, stack_frozen=not stability.perturbation_trainable_only)
+    stacked = StackedModel(models, stack_frozen=not stability.perturbation_trainable_only,
+                           eager_attention=study.eager_attention)
     del models
 
     group_dir = run.stacked_group_dir(t, children)
@@ -374,9 +380,15 @@ def train_stacked_group(
     measured = divergence_steps(t, study.max_steps, stability.divergence_every)
 
     def stacked_init() -> nn.Module:
-        # Build (and drop) one model as train() would: the global RNG then stands where it stands
-        # for a child trained alone (the data sampler draws its seed from it).
-        call_without_trial(original_init)
+        # The global RNG must stand where it stands for a child trained alone, after train() built
+        # its model (the data sampler draws its seed from it): build (and drop) one model, or, from
+        # an RNG state an earlier group's build started from, set the state that build left.
+        before = global_rng_state()
+        key = pickle.dumps(before)
+        if key not in study.rng_after_model_init:
+            call_without_trial(original_init)
+            study.rng_after_model_init[key] = global_rng_state()
+        set_global_rng_state(study.rng_after_model_init[key])
         return stacked
 
     settings = RunSettings(
@@ -390,6 +402,7 @@ def train_stacked_group(
             ),
         ],
         stacked_numerics=study.stacked_numerics,
+        eager_attention=study.eager_attention,
         # The group resumes from the spawn checkpoint itself (trainer state, RNG, scheduler, scaler);
         # the weights are already in the stacked model and the optimizer state is repeated K times in
         # memory (StabilityMixin._load_from_checkpoint and _load_optimizer_and_scheduler).

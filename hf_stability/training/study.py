@@ -47,7 +47,8 @@ from .final_writer import FinalWriter, can_write_in_background
 from .identity import run_config
 from .preflight import check_study
 from .result import ButterflyResult
-from .stacked import train_stacked_group, use_eager_attention
+from .stacked import train_stacked_group
+from .stacked_attention import PER_CHILD, attention_for_stacked_run
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class RunSettings:
     callbacks: list[TrainerCallback] = field(default_factory=list)
     child: tuple[int, int] | None = None  # (spawn step, child) of a child run: a NaN loss stops it as diverged
     stacked_numerics: bool = False  # the run directory was made for stacked children (see stacked.py)
+    eager_attention: bool = False  # and before per-child attention: eager attention on CUDA (stacked_attention.py)
     save_initial_checkpoint: bool = False  # the parent spawns at step 0: checkpoint-0 before the first step
     stacked_optimizer_state: dict[str, Any] | None = None  # a stacked group's optimizer state, K children deep
     model: nn.Module | None = None  # a model to train instead of the trainer's own (a stacked group)
@@ -86,8 +88,8 @@ def run_scope(trainer: Any, settings: RunSettings) -> Iterator[None]:
         trainer.callback_handler.callbacks.extend(settings.callbacks)  # (add_callback warns on a second instance)
         trainer.study_run = settings
         trainer.optimizer, trainer.lr_scheduler = None, None
-        if settings.stacked_numerics and trainer.args.device.type == "cuda" and settings.model is None:
-            use_eager_attention(trainer.model)
+        if settings.stacked_numerics and settings.model is None:
+            attention_for_stacked_run(trainer.model, settings.eager_attention, trainer.args.device)
         yield
     finally:
         for name, value in saved_args.items():
@@ -111,10 +113,12 @@ class ButterflyStudy:
         self.max_steps = 0
         self.fingerprint: str | None = None
         self.stacked_numerics = False
+        self.eager_attention = False
         # what children can differ from the parent in: the trainable parameters (see compared_parameters)
         self.trainable_only = self.stability.perturbation_trainable_only
         self._checked_spawns: set[int] = set()
         self.writer: FinalWriter | None = None  # the children's final/ writes, while later children train
+        self.rng_after_model_init: dict[bytes, Any] = {}  # a stacked group's model_init draws (stacked.py)
 
     # ---- the study, top to bottom ------------------------------------------------------------
     def run(self) -> ButterflyResult:
@@ -151,8 +155,9 @@ class ButterflyStudy:
         # The run's numerics are fixed when it is created: a resumed run keeps its parent's.
         config = run.load_config() if trainer.is_world_process_zero() else {}
         self.stacked_numerics = self.broadcast(bool(config.get("stacked_numerics")))
+        self.eager_attention = self.broadcast(self.stacked_numerics and config.get("stacked_attention") != PER_CHILD)
         self.fingerprint = self.broadcast(config.get("fingerprint"))
-        trainer.study_run = RunSettings(stacked_numerics=self.stacked_numerics)
+        trainer.study_run = RunSettings(stacked_numerics=self.stacked_numerics, eager_attention=self.eager_attention)
         if self.stability.children_at_once > 1 and not self.stacked_numerics and trainer.args.device.type == "cuda":
             logger.warning("This run was created with parallel_children=1: its parent used fused dropout and attention "
                            "kernels, which stacked children cannot use, so their control will not follow the parent "
@@ -196,6 +201,7 @@ class ButterflyStudy:
                        ParentTrajectoryCallback(reference_steps, run.trajectory_file,
                                                 trainable_only=self.trainable_only)],
             stacked_numerics=self.stacked_numerics,
+            eager_attention=self.eager_attention,
             save_initial_checkpoint=0 in stability.spawn_steps,
             args={"save_total_limit": None},
         )
@@ -253,6 +259,7 @@ class ButterflyStudy:
             ],
             child=(t, k),
             stacked_numerics=self.stacked_numerics,
+            eager_attention=self.eager_attention,
         )
         with run_scope(trainer, settings):
             try:

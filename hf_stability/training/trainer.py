@@ -24,7 +24,8 @@ from ..run_directory import SCHEDULER_NAME
 from .arguments import StabilityArguments
 from .checkpoints import checkpoint_file_errors, converted_state_dict, needs_name_conversion
 from .result import ButterflyResult
-from .stacked import SameMaskDropout, StackedModel, clip_per_child, use_eager_attention
+from .stacked import SameMaskDropout, StackedModel, clip_per_child
+from .stacked_attention import attention_for_stacked_run
 from .study import ButterflyStudy, RunSettings
 
 
@@ -83,11 +84,11 @@ class StabilityMixin:
         return super()._get_grad_norm(model, grad_norm)
 
     def call_model_init(self, trial: Any = None) -> nn.Module:
-        """The Trainer's model_init; in a run made for stacked children, on CUDA, with their eager
-        attention, so that a stacked control follows its parent."""
+        """The Trainer's model_init; in a run made for stacked children, with the attention they
+        can run (``attention_for_stacked_run``), so that a stacked control follows its parent."""
         model = super().call_model_init(trial)
-        if self.study_run.stacked_numerics and self.args.device.type == "cuda":
-            use_eager_attention(model)
+        if self.study_run.stacked_numerics:
+            attention_for_stacked_run(model, self.study_run.eager_attention, self.args.device)
         return model
 
     def _prepare_for_training(self, max_steps: int, train_dataloader: Any, resume_from_checkpoint: str | None):
