@@ -99,7 +99,7 @@ def run_config(trainer: Any, max_steps: int) -> dict[str, Any]:
         "training_arguments": training,
         "versions": library_versions(),
         "hardware": hardware_record(trainer.args.device),
-        # made for stacked children: every model trains with their dropout (and, on CUDA, attention)
+        # made for stacked children: every model trains with their dropout (SameMaskDropout)
         "stacked_numerics": stability.children_at_once > 1,
         "stacked_attention": PER_CHILD,  # stacked children's attention runs child by child (stacked_attention.py)
         "identity": identity,

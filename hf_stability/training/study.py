@@ -159,8 +159,8 @@ class ButterflyStudy:
         self.fingerprint = self.broadcast(config.get("fingerprint"))
         trainer.study_run = RunSettings(stacked_numerics=self.stacked_numerics, eager_attention=self.eager_attention)
         if self.stability.children_at_once > 1 and not self.stacked_numerics and trainer.args.device.type == "cuda":
-            logger.warning("This run was created with parallel_children=1: its parent used fused dropout and attention "
-                           "kernels, which stacked children cannot use, so their control will not follow the parent "
+            logger.warning("This run was created with parallel_children=1: its parent used the fused dropout kernel, "
+                           "whose masks stacked children cannot draw, so their control will not follow the parent "
                            "closely. Use parallel_children=1 here, or %s to train the parent again.",
                            setting("overwrite_run"))
         return run
