@@ -74,6 +74,21 @@ def test_perturbation_leaves_global_rng_untouched(config):
     assert model.training, "perturb_model must restore the training mode"
 
 
+def test_global_rng_state_round_trips_and_its_key_tells_states_apart():
+    from hf_stability.perturb.rng import global_rng_state, rng_state_key, set_global_rng_state
+
+    torch.manual_seed(3), random.seed(3), np.random.seed(3)
+    state, key = global_rng_state(), rng_state_key(global_rng_state())
+    draws = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(3), random.seed(3), np.random.seed(3)
+    assert rng_state_key(global_rng_state()) == key  # the same state: the same key
+    torch.rand(1)
+    assert rng_state_key(global_rng_state()) != key  # one draw later: another key
+    set_global_rng_state(state)
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(again[0], draws[0]) and again[1:] == draws[1:]
+
+
 def test_same_seed_step_and_child_give_identical_noise_and_others_differ():
     config = PerturbationConfig(scale=0.1, seed=4)
     results = {}

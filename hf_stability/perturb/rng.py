@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +31,30 @@ def make_generator(seed: int, step: int, child: int, stream: int = 0) -> torch.G
     return generator
 
 
+def global_rng_state() -> dict[str, Any]:
+    """Python's, numpy's, torch's CPU and every CUDA device's global RNG state (what set_seed seeds)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def rng_state_key(state: dict[str, Any]) -> bytes:
+    """Bytes that are equal exactly when two :func:`global_rng_state` results are (a dict key;
+    pickled tensors are not byte-stable, their numpy copies are)."""
+    return pickle.dumps((state["python"], state["numpy"], state["cpu"].numpy(),
+                         [s.numpy() for s in state.get("cuda", [])]))
+
+
+def set_global_rng_state(state: dict[str, Any]) -> None:
+    """Put every global RNG back to ``state`` (from :func:`global_rng_state`)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 @contextmanager
 def preserve_global_rng() -> Iterator[None]:
     """Restore python, numpy, torch CPU and CUDA global RNG states on exit.
@@ -36,12 +62,8 @@ def preserve_global_rng() -> Iterator[None]:
     Perturbing must not move any global RNG: a child and its control child must see the same
     dropout masks and data order after the spawn step.
     """
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=cuda_devices, enabled=True):
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+    state = global_rng_state()
+    try:
+        yield
+    finally:
+        set_global_rng_state(state)

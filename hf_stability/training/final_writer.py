@@ -135,10 +135,11 @@ class FinalWriter:
 
     def _raise_finished(self) -> None:
         """Forget the writes that are done; raise the first failure among them."""
-        done = {id(future) for future, _ in self._pending if future.done()}
-        finished = [future for future, _ in self._pending if id(future) in done]
-        self._pending = [(future, size) for future, size in self._pending if id(future) not in done]
-        for future in finished:
+        pending, finished = [], []
+        for entry in self._pending:  # one look at each future: one finishing meanwhile stays pending
+            (finished if entry[0].done() else pending).append(entry)
+        self._pending = pending
+        for future, _ in finished:
             future.result()
 
 

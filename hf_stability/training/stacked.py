@@ -22,8 +22,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import pickle
-import random
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +39,7 @@ from ..atomic_io import write_json
 from ..errors import RunDirectoryError, StudySetupError
 from ..hints import setting
 from ..perturb import PerturbationKind, perturb_model
+from ..perturb.rng import global_rng_state, rng_state_key, set_global_rng_state
 from ..run_directory import OPTIMIZER_NAME
 from .arguments import AUTO
 from .stacked_attention import PerChildAttention, use_eager_attention
@@ -131,26 +130,6 @@ class SameMaskDropout(TorchFunctionMode):
         if bound.get("inplace", False):
             return x.mul_(mask).mul_(scale)
         return x.mul(mask).mul_(scale)
-
-
-def global_rng_state() -> dict[str, Any]:
-    """Python's, NumPy's, torch's CPU and every CUDA device's RNG state (what set_seed seeds)."""
-    import numpy as np
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state().numpy()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [s.numpy() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_global_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(torch.from_numpy(state["cpu"].copy()))
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all([torch.from_numpy(s.copy()) for s in state["cuda"]])
 
 
 def unstack_into(stacked: StackedModel, k: int, model: nn.Module) -> nn.Module:
@@ -383,8 +362,7 @@ def train_stacked_group(
         # The global RNG must stand where it stands for a child trained alone, after train() built
         # its model (the data sampler draws its seed from it): build (and drop) one model, or, from
         # an RNG state an earlier group's build started from, set the state that build left.
-        before = global_rng_state()
-        key = pickle.dumps(before)
+        key = rng_state_key(global_rng_state())
         if key not in study.rng_after_model_init:
             call_without_trial(original_init)
             study.rng_after_model_init[key] = global_rng_state()
