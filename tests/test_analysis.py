@@ -242,6 +242,34 @@ def test_models_of_different_architectures_are_refused_naming_the_tensor(models_
         barrier(a, tiny_bert(0, num_hidden_layers=3), data)
 
 
+def test_a_datasets_dataset_is_batched_as_its_examples_one_by_one():
+    """A plain datasets.Dataset is read a batch slice at a time; the batches are those of its
+    examples read one by one (padding collator, a selection, an uneven last batch), and a
+    formatted or transformed dataset is still read example by example."""
+    from datasets import Dataset
+    from transformers import DataCollatorWithPadding
+
+    from hf_stability.data import load_tokenizer
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 12, (50,), generator=g).tolist()
+    dataset = Dataset.from_dict({"input_ids": [torch.randint(1000, 2000, (n,), generator=g).tolist() for n in lengths],
+                                 "attention_mask": [[1] * n for n in lengths],
+                                 "labels": torch.randint(0, 3, (50,), generator=g).tolist()}).select(range(3, 50))
+    one_by_one = [dataset[i] for i in range(len(dataset))]
+    collate = DataCollatorWithPadding(load_tokenizer())
+    for batch_size in (8, 47):
+        sliced, listed = (EvalData(d, batch_size=batch_size, collate_fn=collate) for d in (dataset, one_by_one))
+        for index in range(sliced.num_batches):
+            ours, theirs = sliced.batch(index), listed.batch(index)
+            assert ours.keys() == theirs.keys()
+            assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    formatted = EvalData(dataset.with_format("torch", columns=["labels"]), batch_size=8)
+    assert torch.equal(formatted.batch(1)["labels"], torch.tensor([e["labels"] for e in one_by_one[8:16]]))
+    transformed = EvalData(dataset.with_transform(lambda b: {"labels": [y + 1 for y in b["labels"]]}), batch_size=8)
+    assert transformed.batch(0)["labels"].tolist() == [e["labels"] + 1 for e in one_by_one[:8]]
+
+
 def test_empty_or_unlabelled_data_is_refused(models_and_data):
     a, _, data = models_and_data
     with pytest.raises(AnalysisDataError, match="empty"):

@@ -32,6 +32,18 @@ def _default_collate(features: list[dict[str, Any]]) -> dict[str, Any]:
     return default_data_collator(features)
 
 
+def _examples(dataset: Any, start: int, stop: int) -> list[dict[str, Any]]:
+    """Examples ``start`` to ``stop - 1`` as feature dicts. A ``datasets.Dataset`` without a format
+    or transform is read as one slice (one Arrow-to-Python conversion per batch instead of one per
+    example, the same dicts: benchmarks/eval_data_batching.py); anything else example by example."""
+    arrow_format = getattr(dataset, "format", None) if hasattr(dataset, "column_names") else None
+    if isinstance(arrow_format, dict) and "type" in arrow_format and arrow_format["type"] is None:
+        columns = dataset[start:stop]
+        names = list(columns)
+        return [dict(zip(names, values)) for values in zip(*(columns[name] for name in names))]
+    return [dataset[i] for i in range(start, stop)]
+
+
 @dataclass
 class EvalSums:
     """Sums over the evaluated data (already reduced over processes): the model's loss weighted
@@ -103,7 +115,7 @@ class EvalData:
         if index not in self._cache:
             start = index * self.batch_size
             stop = min(start + self.batch_size, len(self.dataset))
-            features = [self.dataset[i] for i in range(start, stop)]
+            features = _examples(self.dataset, start, stop)
             batch = dict((self.collate_fn or _default_collate)(features))
             if "labels" not in batch and "label" in batch:
                 batch["labels"] = batch.pop("label")
