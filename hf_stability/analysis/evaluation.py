@@ -39,8 +39,9 @@ def _examples(dataset: Any, start: int, stop: int) -> list[dict[str, Any]]:
     arrow_format = getattr(dataset, "format", None) if hasattr(dataset, "column_names") else None
     if isinstance(arrow_format, dict) and "type" in arrow_format and arrow_format["type"] is None:
         columns = dataset[start:stop]
-        names = list(columns)
-        return [dict(zip(names, values)) for values in zip(*(columns[name] for name in names))]
+        if columns:  # (a dataset without columns: as before, example by example)
+            names = list(columns)
+            return [dict(zip(names, values)) for values in zip(*(columns[name] for name in names))]
     return [dataset[i] for i in range(start, stop)]
 
 
