@@ -5,9 +5,10 @@ one after the other (parallel_children=1) and K at a time as one stacked model (
 The parent is trained once for K = 1 and once for the stacked settings (a run created with
 parallel_children > 1 trains every model with stacked children's dropout: docs/parallel_children.md);
 each setting then trains only the children. Reports wall time, child-steps per second, the ratio to
-sequential, peak GPU memory and how far the control child ends from its parent (relative L2). --profile writes a
-torch.profiler table of one training step of 8 stacked children (forward, backward, fused AdamW,
-under the run's precision) beside the JSON. Prints and writes JSON.
+sequential, peak GPU memory and how far the control child ends from its parent (relative L2).
+--profile times a bare training step (forward, backward, fused AdamW, under the run's precision) of
+one model and of 8 stacked children with and without CUDA graphs, and writes a torch.profiler
+table of one step of 8 stacked children beside the JSON. Prints and writes JSON.
 
     python benchmarks/children_throughput.py [--steps 60] [--batch 32] [--seq-len 128] [--bf16 | --tf32]
         [--ks 1,4,8,16] [--profile] [--output FILE]
@@ -19,6 +20,7 @@ import argparse
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -70,13 +72,9 @@ def study_trainer(root: Path, train: Dataset, test: Dataset, parallel_children: 
     )
 
 
-def profile_stacked_step(k: int, args: argparse.Namespace, path: Path) -> None:
-    """A torch.profiler table of one training step of ``k`` stacked children (after two warm-up steps)."""
-    from hf_stability.training.stacked import StackedModel
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    stacked = StackedModel([_model() for _ in range(k)]).to(device).train()
-    optimizer = torch.optim.AdamW(stacked.parameters(), lr=1e-4, fused=device == "cuda")
+def _bare_step(model: torch.nn.Module, args: argparse.Namespace, device: str) -> Callable[[], None]:
+    """One training step of ``model`` on a fixed batch: forward, backward, fused AdamW."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 30000, (args.batch, args.seq_len), generator=g).to(device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
@@ -84,11 +82,37 @@ def profile_stacked_step(k: int, args: argparse.Namespace, path: Path) -> None:
 
     def step() -> None:
         with torch.autocast(device, torch.bfloat16, enabled=args.bf16):
-            loss = stacked(**batch)["loss"]
+            loss = model(**batch)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step
+
+
+def bare_step_ms(args: argparse.Namespace, steps: int = 30) -> dict[str, float]:
+    """Wall milliseconds of a bare step (after 5 warm-up steps): one model, and 8 stacked
+    children with CUDA graphs and without."""
+    from hf_stability.training.stacked import StackedModel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = {"one_model": lambda: _model().to(device).train(),
+              "stacked_8_cuda_graphs": lambda: StackedModel([_model() for _ in range(8)]).to(device).train(),
+              "stacked_8_eager": lambda: StackedModel([_model() for _ in range(8)], cuda_graphs=False)
+              .to(device).train()}
+    from forward_precision import _seconds_per_call
+
+    return {name: _seconds_per_call(_bare_step(build(), args, device), warmups=5, repeats=steps) * 1e3
+            for name, build in models.items()}
+
+
+def profile_stacked_step(k: int, args: argparse.Namespace, path: Path) -> None:
+    """A torch.profiler table of one training step of ``k`` stacked children (after two warm-up
+    steps, the second of which captures it as CUDA graphs on a GPU)."""
+    from hf_stability.training.stacked import StackedModel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    step = _bare_step(StackedModel([_model() for _ in range(k)]).to(device).train(), args, device)
     step(), step()
     precision = "bf16 autocast" if args.bf16 else "tf32" if args.tf32 else "fp32"
     write_profile(step, path, f"One training step of {k} stacked MiniLM-shaped children (batch {args.batch} x "
@@ -151,6 +175,8 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "children": children,
               "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "bf16": args.bf16, "tf32": args.tf32,
               "runs": rows}
+    if args.profile:
+        result["bare_step_ms"] = bare_step_ms(args)
     emit(result, args.output)
     if args.profile and args.output:
         profile_stacked_step(8, args, Path(args.output).with_name(f"{Path(args.output).stem}_profile.txt"))

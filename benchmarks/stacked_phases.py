@@ -8,14 +8,16 @@ Then ``butterfly()`` of the children with K = 8 and K = 1 while ButterflyStudy's
 evaluation and the hand-over to the FinalWriter), the FinalWriter's last wait and, for K = 8, each
 whole group; a group's set-up (perturbing and stacking) is its total less the others. Prints.
 
-    python benchmarks/stacked_phases.py [--fp32]
+    python benchmarks/stacked_phases.py [--fp32] [--stacked-only] [--cprofile]
 """
 
 from __future__ import annotations
 
 import copy
+import cProfile
 import json
 import os
+import pstats
 import shutil
 import sys
 import tempfile
@@ -87,7 +89,7 @@ def main() -> None:
     wrap(study, "train_stacked_group", "group total", phases)
     wrap(stacked, "stacked_optimizer_state", "optimizer state", phases)
     train, test = _data(32 * 60, 128, 0), _data(256, 128, 1)
-    for k in (8, 1):
+    for k in (8,) if "--stacked-only" in sys.argv else (8, 1):
         root = Path(tempfile.mkdtemp())
         trainer = study_trainer(root, train, test, k, bf16)
         trainer.butterfly()
@@ -96,6 +98,12 @@ def main() -> None:
         phases.clear()
         seconds = timed(trainer.butterfly)
         print(f"K={k} total {seconds:.2f} s", {key: round(value, 3) for key, value in phases.items()}, flush=True)
+        if "--cprofile" in sys.argv:  # where the rest of the children's time goes (cProfile slows Python)
+            for child in root.glob("children/*"):
+                shutil.rmtree(child)
+            profiler = cProfile.Profile()
+            profiler.runcall(trainer.butterfly)
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(70)
         shutil.rmtree(root)
 
 

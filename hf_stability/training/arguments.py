@@ -116,6 +116,12 @@ class StabilityArguments:
                   "stacked model (torch.func.vmap); 1 trains them one after the other; auto: as many as fit in "
                   "the device's free memory. See docs/parallel_children.md."},
     )
+    stacked_cuda_graphs: bool = field(
+        default=True,
+        metadata={"help": "On CUDA, replay stacked children's training step as CUDA graphs (captured once per "
+                  "batch shape), which takes Python's launch time out of each step; a step that cannot be "
+                  "captured runs as before. See docs/parallel_children.md."},
+    )
     deterministic: bool = field(
         default=False,
         metadata={"help": "Deterministic GPU kernels for parent and children (deterministic algorithms, cuBLAS "

@@ -34,6 +34,7 @@ NON_IDENTITY_TRAINING_ARGUMENTS = {
 NON_IDENTITY_STABILITY_ARGUMENTS = {
     "overwrite_run", "keep_parent_trajectory", "keep_child_checkpoints", "divergence_every",
     "analysis_train_samples", "analysis_eval_samples", "base_model", "dataset_name", "parallel_children",
+    "stacked_cuda_graphs",
 }
 #: Model config keys that say where the model came from, or that training and saving fill in (a
 #: second butterfly() on the same model must find the same configuration).

@@ -43,6 +43,7 @@ from ..perturb.rng import global_rng_state, rng_state_key, set_global_rng_state
 from ..run_directory import OPTIMIZER_NAME
 from .arguments import AUTO
 from .stacked_attention import PerChildAttention, use_eager_attention
+from .stacked_graphs import StepGraphs
 
 if TYPE_CHECKING:
     from ..run_directory import RunDirectory
@@ -57,11 +58,13 @@ ELEMENTWISE_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 class StackedModel(nn.Module):
     """K models of one architecture as one module with stacked parameters (see module docstring)."""
 
-    def __init__(self, models: list[nn.Module], stack_frozen: bool = False, eager_attention: bool = False):
+    def __init__(self, models: list[nn.Module], stack_frozen: bool = False, eager_attention: bool = False,
+                 cuda_graphs: bool = True):
         """``stack_frozen``: stack the frozen parameters too (children perturbed in them); by
         default they stay one tensor that every child shares (a PEFT model's base: once, not K times).
         ``eager_attention``: a run made before per-child attention (stacked_attention.py), whose
-        models all use eager attention on CUDA."""
+        models all use eager attention on CUDA. ``cuda_graphs``: on CUDA, replay the training
+        step as CUDA graphs where it can be captured (stacked_graphs.py)."""
         super().__init__()
         if len(models) < 1:
             raise ValueError("StackedModel needs at least one model.")
@@ -77,6 +80,7 @@ class StackedModel(nn.Module):
                 setattr(module, attr, nn.Parameter(stacked.clone(), requires_grad=trainable))
         self.config = getattr(self.template, "config", None)
         self.eager_attention = eager_attention
+        self.step_graphs = StepGraphs() if cuda_graphs else None
         self.last_losses: torch.Tensor | None = None
 
     def stacked_parameters(self) -> dict[str, torch.Tensor]:
@@ -88,9 +92,22 @@ class StackedModel(nn.Module):
         return {n: p[k] for n, p in self.stacked_parameters().items()}
 
     def forward(self, **inputs: Any) -> dict[str, torch.Tensor]:
-        if self.eager_attention and self.training and self.template.training and next(self.parameters()).is_cuda:
+        on_cuda = next(self.parameters()).is_cuda
+        if self.eager_attention and self.training and self.template.training and on_cuda:
             use_eager_attention(self.template)
-        params = self.stacked_parameters()  # shared (frozen) parameters are the template's own
+        if self.step_graphs is not None and on_cuda and self.training and torch.is_grad_enabled():
+            # (the logits of a replayed step carry no gradient: only the loss does)
+            loss, logits, losses = self.step_graphs(self, inputs)
+        else:
+            loss, logits, losses = self.children_forward(inputs)
+        self.last_losses = losses.detach()
+        return {"loss": loss, "logits": logits}
+
+    def children_forward(self, inputs: dict[str, Any], params: dict[str, torch.Tensor] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the sum of the children's losses, their logits, each child's loss), with autograd,
+        from the stacked parameters or ``params`` in their place (stacked_graphs.py's aliases)."""
+        params = self.stacked_parameters() if params is None else params  # shared (frozen) ones are the template's
         buffers = dict(self.template.named_buffers())
 
         def one_child(child_params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,9 +116,8 @@ class StackedModel(nn.Module):
 
         with PerChildAttention():  # each child's attention as it alone computes it, dropout mask included
             losses, logits = vmap(one_child, randomness="same")(params)
-        self.last_losses = losses.detach()
         # Sum: child k's slice of the gradient is d loss_k / d theta_k. A NaN child stays in its slice.
-        return {"loss": losses.sum(), "logits": logits}
+        return losses.sum(), logits, losses
 
 
 class SameMaskDropout(TorchFunctionMode):
@@ -157,10 +173,12 @@ def stacked_optimizer_state(path: Path, num_children: int) -> dict[str, Any]:
     return state
 
 
-def estimate_bytes(model: nn.Module, num_children: int, args: TrainingArguments, seq_len: int | None) -> int:
+def estimate_bytes(model: nn.Module, num_children: int, args: TrainingArguments, seq_len: int | None,
+                   cuda_graphs: bool = False) -> int:
     """A rough peak-memory estimate of K stacked children: weights, gradients and two AdamW
     moments in float32, plus activations of one batch per child (an upper-bound guess of 40
-    floats per hidden unit, token and layer; ``seq_len`` None: the model's longest input). On an
+    floats per hidden unit, token and layer; ``seq_len`` None: the model's longest input), twice
+    with ``cuda_graphs`` (a captured step keeps its own activations beside the eager steps'). On an
     H100, MiniLM with batch 32 x 128 tokens estimated 15 GiB for K = 8 and used 11.7 GiB.
     Frozen parameters (a PEFT model's base) are held once, whatever K."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -168,7 +186,7 @@ def estimate_bytes(model: nn.Module, num_children: int, args: TrainingArguments,
     state = trainable * 4 * 4
     hidden, layers, tokens_per_example = _activation_shape(model)
     tokens = args.per_device_train_batch_size * (seq_len or tokens_per_example)
-    activations = 40 * hidden * tokens * layers * (2 if args.bf16 or args.fp16 else 4)
+    activations = 40 * hidden * tokens * layers * (2 if args.bf16 or args.fp16 else 4) * (2 if cuda_graphs else 1)
     return frozen + num_children * (state + activations)
 
 
@@ -249,7 +267,8 @@ def _memory(trainer: Any) -> tuple[Callable[[int], int], int]:
         seq_len = int(first["input_ids"].shape[-1]) if "input_ids" in first else None
     except (StopIteration, KeyError, TypeError, AttributeError):
         pass
-    return (lambda k: estimate_bytes(model, k, trainer.args, seq_len)), available_bytes(trainer.args.device)
+    graphs = trainer.stability_args.stacked_cuda_graphs and trainer.args.device.type == "cuda"
+    return (lambda k: estimate_bytes(model, k, trainer.args, seq_len, graphs)), available_bytes(trainer.args.device)
 
 
 def check_parallel_children(trainer: Any) -> None:
@@ -348,7 +367,7 @@ def train_stacked_group(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         models = list(pool.map(perturbed_child, children))
     stacked = StackedModel(models, stack_frozen=not stability.perturbation_trainable_only,
-                           eager_attention=study.eager_attention)
+                           eager_attention=study.eager_attention, cuda_graphs=stability.stacked_cuda_graphs)
     del models
 
     group_dir = run.stacked_group_dir(t, children)

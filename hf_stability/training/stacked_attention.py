@@ -18,6 +18,10 @@ a run keeps eager attention when it resumes (``RunSettings.eager_attention``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -87,6 +91,68 @@ def use_eager_attention(model: nn.Module) -> None:
             config._attn_implementation = "eager"
 
 
+@dataclass
+class CapturedDraws:
+    """Per-child attention inside a CUDA graph capture (stacked_graphs.py).
+
+    Outside a capture each child's SDPA call starts from the saved RNG state; inside one, torch
+    refuses to read or set the state. There child 0 of each attention call draws from the default
+    generator as always, and child k > 0 of call c from a generator of its own, registered with the
+    graph, whose offset ``set_for_replay`` sets before each replay to the default generator's offset
+    at call c: a step draws the same amounts in the same order every time, so those offsets
+    (relative to the step's start) are read once, in an eager warm-up step (``begin_step``)."""
+
+    offsets: list[int] = field(default_factory=list)  # per attention call: the default offset, from the step start
+    generators: list[list[torch.Generator]] = field(default_factory=list)  # per call: children 1..K-1
+    device: torch.device | None = None
+    start: int = 0
+    capturing: bool = False
+    calls: int = 0  # attention calls captured so far
+
+    def begin_step(self, device: torch.device) -> None:
+        """An eager warm-up step starts: record its attention calls' offsets afresh."""
+        self.device, self.offsets = device, []
+        self.start = _default_generator(device).get_offset()
+
+    def make_generators(self, children: int, graph: torch.cuda.CUDAGraph) -> None:
+        """One generator per recorded call and child after the first, registered with ``graph``
+        (before its capture begins)."""
+        self.generators = [[torch.Generator(device=self.device) for _ in range(children - 1)] for _ in self.offsets]
+        for generators in self.generators:
+            for generator in generators:
+                graph.register_generator_state(generator)
+
+    def set_for_replay(self) -> None:
+        """Before a replay: each call's generators start where the default generator will be at
+        that call."""
+        default = _default_generator(self.device)
+        seed, offset = default.initial_seed(), default.get_offset()
+        for relative, generators in zip(self.offsets, self.generators):
+            for generator in generators:
+                generator.manual_seed(seed)
+                generator.set_offset(offset + relative)
+
+
+_DRAWS: ContextVar[CapturedDraws | None] = ContextVar("hf_stability_captured_draws", default=None)
+
+
+@contextmanager
+def captured_draws(draws: CapturedDraws, capturing: bool) -> Iterator[None]:
+    """Per-child attention records its calls' offsets (an eager warm-up step) or draws from
+    ``draws``' generators (``capturing``) inside this context."""
+    draws.capturing, draws.calls = capturing, 0
+    token = _DRAWS.set(draws)
+    try:
+        yield
+    finally:
+        _DRAWS.reset(token)
+        draws.capturing = False
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+
+
 def _rng_state(device: torch.device) -> torch.Tensor:
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
@@ -141,14 +207,32 @@ class _PerChildSDPA(torch.autograd.Function):
 
         leaves = [[leaf(t, i) for i in range(children)] for t in (query, key, value)]
         masks = [leaf(attn_mask, i) for i in range(children)] if mask_per_child else [leaf(attn_mask, None)]
-        state = _rng_state(query.device)
+
+        def attention(i: int) -> torch.Tensor:
+            return F.scaled_dot_product_attention(leaves[0][i], leaves[1][i], leaves[2][i],
+                                                  attn_mask=masks[i if mask_per_child else 0], **dict(options))
+
         outputs = []
+        draws = _DRAWS.get()
         with torch.enable_grad():
-            for i in range(children):
-                _set_rng_state(query.device, state)  # each child draws the mask one model draws
-                outputs.append(F.scaled_dot_product_attention(leaves[0][i], leaves[1][i], leaves[2][i],
-                                                              attn_mask=masks[i if mask_per_child else 0],
-                                                              **dict(options)))
+            if draws is not None and draws.capturing:  # each child k > 0 from its generator (CapturedDraws)
+                default = _default_generator(query.device)
+                main, generators = default.graphsafe_get_state(), draws.generators[draws.calls]
+                draws.calls += 1
+                try:
+                    for i in range(children):
+                        if i:
+                            default.graphsafe_set_state(generators[i - 1])
+                        outputs.append(attention(i))
+                finally:
+                    default.graphsafe_set_state(main)
+            else:
+                if draws is not None:
+                    draws.offsets.append(_default_generator(query.device).get_offset() - draws.start)
+                state = _rng_state(query.device)
+                for i in range(children):
+                    _set_rng_state(query.device, state)  # each child draws the mask one model draws
+                    outputs.append(attention(i))
         ctx.graph, ctx.mask_per_child = (leaves + [masks], outputs), mask_per_child
         return torch.stack([out.detach() for out in outputs])
 
