@@ -173,20 +173,20 @@ def stacked_optimizer_state(path: Path, num_children: int) -> dict[str, Any]:
     return state
 
 
-def estimate_bytes(model: nn.Module, num_children: int, args: TrainingArguments, seq_len: int | None,
-                   cuda_graphs: bool = False) -> int:
+def estimate_bytes(model: nn.Module, num_children: int, args: TrainingArguments, seq_len: int | None) -> int:
     """A rough peak-memory estimate of K stacked children: weights, gradients and two AdamW
     moments in float32, plus activations of one batch per child (an upper-bound guess of 40
-    floats per hidden unit, token and layer; ``seq_len`` None: the model's longest input), twice
-    with ``cuda_graphs`` (a captured step keeps its own activations beside the eager steps'). On an
+    floats per hidden unit, token and layer; ``seq_len`` None: the model's longest input). On an
     H100, MiniLM with batch 32 x 128 tokens estimated 15 GiB for K = 8 and used 11.7 GiB.
-    Frozen parameters (a PEFT model's base) are held once, whatever K."""
+    Frozen parameters (a PEFT model's base) are held once, whatever K. CUDA graphs of the step
+    are not counted: they are captured only where the memory they keep is free
+    (stacked_graphs.py), so K is what fits without them."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     state = trainable * 4 * 4
     hidden, layers, tokens_per_example = _activation_shape(model)
     tokens = args.per_device_train_batch_size * (seq_len or tokens_per_example)
-    activations = 40 * hidden * tokens * layers * (2 if args.bf16 or args.fp16 else 4) * (2 if cuda_graphs else 1)
+    activations = 40 * hidden * tokens * layers * (2 if args.bf16 or args.fp16 else 4)
     return frozen + num_children * (state + activations)
 
 
@@ -267,8 +267,7 @@ def _memory(trainer: Any) -> tuple[Callable[[int], int], int]:
         seq_len = int(first["input_ids"].shape[-1]) if "input_ids" in first else None
     except (StopIteration, KeyError, TypeError, AttributeError):
         pass
-    graphs = trainer.stability_args.stacked_cuda_graphs and trainer.args.device.type == "cuda"
-    return (lambda k: estimate_bytes(model, k, trainer.args, seq_len, graphs)), available_bytes(trainer.args.device)
+    return (lambda k: estimate_bytes(model, k, trainer.args, seq_len)), available_bytes(trainer.args.device)
 
 
 def check_parallel_children(trainer: Any) -> None:
