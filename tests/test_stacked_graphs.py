@@ -145,7 +145,8 @@ def test_a_step_whose_graphs_do_not_fit_in_free_memory_runs_eagerly():
 
 
 def _padded_tokens(n: int, seed: int) -> Dataset:
-    """``n`` examples of 16 random tokens, every third one padded after 9 (two batch signatures)."""
+    """``n`` examples of 16 random tokens, every third one padded after 9 (batches with padding and
+    without, of one shape: one graph replays both)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, 2000, (n, 16), generator=g)
     mask = torch.ones_like(ids)
