@@ -12,8 +12,8 @@ What a replay computes is what the eager step computes:
   children each start from one RNG state, draws them from generators registered with the graph
   (stacked_attention.py's ``CapturedDraws``: torch cannot read or set an RNG state while capturing);
 - the same attention path: the batch is passed as the eager step gets it, ``attention_mask``
-  included, so a batch with padding and one without share a graph (dropping an all-ones mask, as
-  a model alone may, took another kernel with other dropout draws);
+  included, so a batch with padding and one without share a graph (a first version dropped an
+  all-ones mask, as a model alone may: its replays took another kernel, with other dropout draws);
 - the same weights: the autocast cache is off while capturing, so every weight is cast inside the
   graph at each replay, not once.
 
