@@ -112,7 +112,7 @@ class CapturedDraws:
     def begin_step(self, device: torch.device) -> None:
         """An eager warm-up step starts: record its attention calls' offsets afresh."""
         self.device, self.offsets = device, []
-        self.start = _default_generator(device).get_offset()
+        self.start = default_generator(device).get_offset()
 
     def make_generators(self, children: int, graph: torch.cuda.CUDAGraph) -> None:
         """One generator per recorded call and child after the first, registered with ``graph``
@@ -125,7 +125,7 @@ class CapturedDraws:
     def set_for_replay(self) -> None:
         """Before a replay: each call's generators start where the default generator will be at
         that call."""
-        default = _default_generator(self.device)
+        default = default_generator(self.device)
         seed, offset = default.initial_seed(), default.get_offset()
         for relative, generators in zip(self.offsets, self.generators):
             for generator in generators:
@@ -149,7 +149,8 @@ def captured_draws(draws: CapturedDraws, capturing: bool) -> Iterator[None]:
         draws.capturing = False
 
 
-def _default_generator(device: torch.device) -> torch.Generator:
+def default_generator(device: torch.device) -> torch.Generator:
+    """The default CUDA generator of ``device`` (the current device where it has no index)."""
     return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
 
 
@@ -216,7 +217,7 @@ class _PerChildSDPA(torch.autograd.Function):
         draws = _DRAWS.get()
         with torch.enable_grad():
             if draws is not None and draws.capturing:  # each child k > 0 from its generator (CapturedDraws)
-                default = _default_generator(query.device)
+                default = default_generator(query.device)
                 main, generators = default.graphsafe_get_state(), draws.generators[draws.calls]
                 draws.calls += 1
                 try:
@@ -228,7 +229,7 @@ class _PerChildSDPA(torch.autograd.Function):
                     default.graphsafe_set_state(main)
             else:
                 if draws is not None:
-                    draws.offsets.append(_default_generator(query.device).get_offset() - draws.start)
+                    draws.offsets.append(default_generator(query.device).get_offset() - draws.start)
                 state = _rng_state(query.device)
                 for i in range(children):
                     _set_rng_state(query.device, state)  # each child draws the mask one model draws

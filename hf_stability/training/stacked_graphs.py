@@ -30,6 +30,8 @@ these.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +39,7 @@ import torch
 from torch import nn
 
 from ..perturb.rng import global_rng_state, set_global_rng_state
-from .stacked_attention import CapturedDraws, captured_draws
+from .stacked_attention import CapturedDraws, captured_draws, default_generator
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ class StepGraphs:
             loss, logits, losses = model.children_forward(inputs)
             if key is not None:
                 self.step_bytes[key] = torch.cuda.memory_allocated() - before
-            return loss, logits, losses.detach()
+            return loss, logits, losses
         for name, static in entry.inputs.items():
             static.copy_(inputs[name], non_blocking=True)
         stacked = model.stacked_parameters()
@@ -126,7 +128,7 @@ class StepGraphs:
             if failed:  # a failed capture leaves the CUDA generator's state marked as capturing: a fresh one
                 fresh = torch.Generator(device=device)
                 fresh.set_state(torch.cuda.get_rng_state(device))
-                torch.cuda.default_generators[device.index or 0].graphsafe_set_state(fresh)
+                default_generator(device).graphsafe_set_state(fresh)
             set_global_rng_state(rng)
             with torch.no_grad():
                 for buffer, saved in zip(model.buffers(), buffers):
@@ -197,8 +199,9 @@ class _Replay(torch.autograd.Function):
 
 
 def _signature(inputs: dict[str, Any]) -> tuple | None:
-    """What a graph is valid for: each tensor's shape, dtype and device, every other value
-    itself; None where a value cannot be part of a key, or with autocast changed."""
+    """What a graph is valid for: the autocast state, each tensor's shape, dtype and device, every
+    other value itself; None where a value cannot be part of a key (a tensor off the GPU, an
+    unhashable value)."""
     parts: list[Any] = [torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")]
     for name in sorted(inputs):
         value = inputs[name]
@@ -215,13 +218,13 @@ def _signature(inputs: dict[str, Any]) -> tuple | None:
     return tuple(parts)
 
 
-class _no_autocast_cache:
+@contextmanager
+def _no_autocast_cache() -> Iterator[None]:
     """Autocast as it is, without its cache of cast weights: a cast cached outside the graph
     would be replayed stale (the weights change at every step)."""
-
-    def __enter__(self) -> None:
-        self.previous = torch.is_autocast_cache_enabled()
-        torch.set_autocast_cache_enabled(False)
-
-    def __exit__(self, *exc: Any) -> None:
-        torch.set_autocast_cache_enabled(self.previous)
+    previous = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(previous)
