@@ -156,22 +156,24 @@ def _padded_tokens(n: int, seed: int) -> Dataset:
 
 
 def test_stacked_children_trained_with_cuda_graphs_end_as_with_eager_steps(tmp_path, caplog):
-    """Through the Trainer (gradient accumulation, clipping, the scheduler, padded batches)."""
+    """Through the Trainer (gradient accumulation, clipping, the scheduler, padded batches), for two
+    spawn steps: the second one's group trains in the first one's stack and replays its graphs."""
     train, test = _padded_tokens(96, 0), _padded_tokens(16, 1)
 
     def final_weights(name: str, cuda_graphs: bool):
-        stability = StabilityArguments(spawn_steps=[0], num_children=3, perturbation_scale=0.5, divergence_every=5,
+        stability = StabilityArguments(spawn_steps=[0, 4], num_children=3, perturbation_scale=0.5, divergence_every=5,
                                        parallel_children=4, stacked_cuda_graphs=cuda_graphs)
         trainer = StabilityTrainer(
             model_init=lambda: tiny_bert(0), train_dataset=train, eval_dataset=test, stability_args=stability,
             args=training_args(tmp_path / name, max_steps=12, learning_rate=3e-3, max_grad_norm=0.5,
                                gradient_accumulation_steps=2, per_device_train_batch_size=4, use_cpu=False))
         run = trainer.butterfly().run_dir
-        return [load_file(str(run / f"children/t0/c{k}/final/model.safetensors")) for k in range(4)]
+        return [load_file(str(run / f"children/t{t}/c{k}/final/model.safetensors")) for t in (0, 4) for k in range(4)]
 
     with caplog.at_level(logging.INFO, logger="hf_stability.training.stacked_graphs"):
         graphed = final_weights("graphed", True)
-    assert any("Captured" in r.getMessage() for r in caplog.records)
+    # one signature (every batch is 4 x 16), captured once for both groups
+    assert sum("Captured" in r.getMessage() for r in caplog.records) == 1
     eager = final_weights("eager", False)
     for ours, theirs in zip(graphed, eager):
         num = sum(float((ours[n].double() - theirs[n].double()).pow(2).sum()) for n in theirs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -177,7 +178,10 @@ def perturb_model(
     if config.kind == PerturbationKind.BATCH and batch is None:
         raise PerturbationConfigError("kind='batch' needs a batch: pass batch={...} with inputs and labels.")
 
-    with preserve_global_rng(), torch.no_grad():
+    # Noise comes from the perturbation's own generator; only the batch gradient's forward pass may
+    # touch a global RNG. (Not restoring it otherwise lets a thread perturb while another trains.)
+    keep_rng = preserve_global_rng() if config.kind == PerturbationKind.BATCH else contextlib.nullcontext()
+    with keep_rng, torch.no_grad():
         params = select_parameters(model, config.include, config.exclude, config.trainable_only)
         frozen = sum(1 for _, p in model.named_parameters() if p.is_floating_point() and not p.requires_grad)
         if config.trainable_only and frozen:

@@ -24,7 +24,8 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from ..atomic_io import write_json
 from ..errors import RunDirectoryError, StudySetupError
@@ -82,6 +83,39 @@ class StackedModel(nn.Module):
         self.eager_attention = eager_attention
         self.step_graphs = StepGraphs() if cuda_graphs else None
         self.last_losses: torch.Tensor | None = None
+
+    def can_hold(self, models: list[nn.Module]) -> bool:
+        """Whether ``models`` fit this stack as it stands: as many of them, the same stacked and
+        shared tensors with the same shapes, dtypes and devices (``load`` then reuses it)."""
+        if len(models) != self.num_children:
+            return False
+        mine = dict(self.template.named_parameters())
+        for model in models:
+            theirs = dict(model.named_parameters())
+            if theirs.keys() != mine.keys() or dict(model.named_buffers()).keys() != dict(
+                    self.template.named_buffers()).keys():
+                return False
+            for name, p in theirs.items():
+                shape = mine[name].shape[1:] if name in self.stacked_names else mine[name].shape
+                if (p.shape, p.dtype, p.device) != (shape, mine[name].dtype, mine[name].device):
+                    return False
+        return True
+
+    def load(self, models: list[nn.Module]) -> None:
+        """Put ``models``' weights and buffers into this stack, in place: the memory its CUDA graphs
+        read stays the same, so a later group of as many children replays the graphs an earlier
+        group captured (check ``can_hold`` first)."""
+        stacked = set(self.stacked_names)
+        with torch.no_grad():
+            for name, p in self.template.named_parameters():
+                if name in stacked:
+                    for k, model in enumerate(models):
+                        p[k].copy_(model.get_parameter(name))
+                else:
+                    p.copy_(models[0].get_parameter(name))
+            for (_, buffer), (_, theirs) in zip(self.template.named_buffers(), models[0].named_buffers()):
+                buffer.copy_(theirs)
+        self.last_losses = None
 
     def stacked_parameters(self) -> dict[str, torch.Tensor]:
         """The stacked tensors ``[K, *shape]``, by the original names."""
@@ -320,24 +354,15 @@ def choose_children_at_once(trainer: Any) -> int:
 
 
 # ---- mechanism ----------------------------------------------------------------------------------
-def train_stacked_group(
-    study: ButterflyStudy, run: RunDirectory, t: int, children: list[int], pending: list[int]
-) -> None:
-    """Train ``children`` of spawn step ``t`` as one stacked model, then write the final/ of each
-    child in ``pending`` like a child trained alone (the others are already written). A killed
-    group restarts from the spawn checkpoint."""
-    from .callbacks import ChildLossCallback, StackedDivergenceCallback, independent_batch
+def set_up_children(study: ButterflyStudy, run: RunDirectory, t: int, children: list[int], pending: list[int],
+                    template: nn.Module) -> list[nn.Module]:
+    """The children of a group, each a copy of ``template`` with spawn step ``t``'s weights,
+    perturbed (the records of those in ``pending`` written, their stale checkpoints removed)."""
+    from .callbacks import independent_batch
     from .checkpoints import checkpoint_state_dict, load_checkpoint_weights
-    from .divergence import divergence_steps
-    from .study import RunSettings, call_without_trial, run_scope
 
     trainer, stability = study.trainer, study.stability
-    spawn = study.spawn_checkpoint(run, t)
-    template = trainer.model if trainer.model is not None else trainer.call_model_init()
-    # The dataset columns the model takes come from its forward signature: read them now, from the
-    # real model, not later from the stacked model's forward(**inputs).
-    trainer._set_signature_columns_if_needed()
-    weights = checkpoint_state_dict(template, spawn)
+    weights = checkpoint_state_dict(template, study.spawn_checkpoint(run, t))
     configs = {k: stability.config_for_child(k) for k in children}
     batches: dict[int, Any] = {}
     if any(config.kind == PerturbationKind.BATCH for config in configs.values()):
@@ -361,12 +386,93 @@ def train_stacked_group(
     # children are perturbed in threads (the draws dominate the set-up of a group). A gradient
     # perturbation runs a forward pass, whose dropout uses the global RNG, and an init-seed child
     # builds a model from the global RNG: one at a time.
-    global_rng = batches or any(config.kind == PerturbationKind.INIT_SEED for config in configs.values())
-    workers = 1 if global_rng else min(len(children), os.cpu_count() or 1)
+    workers = 1 if _uses_global_rng(configs.values()) else min(len(children), os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        models = list(pool.map(perturbed_child, children))
-    stacked = StackedModel(models, stack_frozen=not stability.perturbation_trainable_only,
-                           eager_attention=study.eager_attention, cuda_graphs=stability.stacked_cuda_graphs)
+        return list(pool.map(perturbed_child, children))
+
+
+def _uses_global_rng(configs: Any) -> bool:
+    return any(config.kind in (PerturbationKind.BATCH, PerturbationKind.INIT_SEED) for config in configs)
+
+
+class SetUpAhead(TrainerCallback):
+    """Sets up the next stacked group (``set_up_children``, in a thread) while this group trains:
+    from this group's fourth step, once its step replays from CUDA graphs (no capture under way),
+    and only where nothing in the set-up touches a global RNG the training draws from and the
+    device has room for the next group's copies beside this group (half of what is free then).
+    ``wait()`` returns once that set-up is done (before anything writes into the template it copies)."""
+
+    START_AFTER_STEPS = 3
+
+    def __init__(self, study: ButterflyStudy, run: RunDirectory, t: int, children: list[int], pending: list[int],
+                 template: nn.Module):
+        self.study, self.run, self.group = study, run, (t, children, pending)
+        self.template = template
+        self.steps = 0
+        self.future: Future | None = None
+
+    @staticmethod
+    def possible(study: ButterflyStudy, children: list[int]) -> bool:
+        return not _uses_global_rng(study.stability.config_for_child(k) for k in children)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+        if self.steps != self.START_AFTER_STEPS + 1:
+            return
+        tensors = list(self.template.parameters()) + list(self.template.buffers())
+        need = len(self.group[1]) * sum(x.numel() * x.element_size() for x in tensors)
+        free = available_bytes(args.device)
+        if need > 0.5 * free:
+            logger.info("The next stacked group is set up after this one (its %.1f GiB of copies would take more "
+                        "than half of the %.1f GiB free).", need / 2**30, free / 2**30)
+            return
+        t, children, pending = self.group
+        logger.info("Setting up the next stacked group (spawn step %d, children %s) while this one trains.", t,
+                    children)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-stability-set-up")
+        self.future = pool.submit(set_up_children, self.study, self.run, t, children, pending, self.template)
+        pool.shutdown(wait=False)
+        self.study.group_set_up_ahead = ((t, tuple(children)), self.future)
+
+    def wait(self) -> None:
+        if self.future is not None:
+            futures_wait([self.future])
+
+
+def train_stacked_group(
+    study: ButterflyStudy, run: RunDirectory, t: int, children: list[int], pending: list[int],
+    next_group: tuple[int, list[int], list[int]] | None = None,
+) -> None:
+    """Train ``children`` of spawn step ``t`` as one stacked model, then write the final/ of each
+    child in ``pending`` like a child trained alone (the others are already written). A killed
+    group restarts from the spawn checkpoint. ``next_group`` (spawn step, children, pending): the
+    stacked group that trains next, set up while this one trains where it can be (``SetUpAhead``)."""
+    from .callbacks import ChildLossCallback, StackedDivergenceCallback
+    from .divergence import divergence_steps
+    from .study import RunSettings, call_without_trial, run_scope
+
+    trainer, stability = study.trainer, study.stability
+    template = trainer.model if trainer.model is not None else trainer.call_model_init()
+    # The dataset columns the model takes come from its forward signature: read them now, from the
+    # real model, not later from the stacked model's forward(**inputs).
+    trainer._set_signature_columns_if_needed()
+    spawn = study.spawn_checkpoint(run, t)
+    ahead = study.group_set_up_ahead
+    study.group_set_up_ahead = None
+    if ahead is not None and ahead[0] == (t, tuple(children)):
+        models = ahead[1].result()
+    else:
+        models = set_up_children(study, run, t, children, pending, template)
+    # A group of as many children as the last one trains in that group's stack, loaded with its own
+    # weights: the CUDA graphs captured for the last group replay for this one (no warm-up, no capture).
+    stacked = study.last_stack
+    if stacked is not None and stacked.can_hold(models):
+        stacked.load(models)
+    else:
+        study.last_stack = stacked = None  # (its memory goes before the new stack takes its own)
+        stacked = StackedModel(models, stack_frozen=not stability.perturbation_trainable_only,
+                               eager_attention=study.eager_attention, cuda_graphs=stability.stacked_cuda_graphs)
+        study.last_stack = stacked
     del models
 
     group_dir = run.stacked_group_dir(t, children)
@@ -387,9 +493,13 @@ def train_stacked_group(
         set_global_rng_state(study.rng_after_model_init[key])
         return stacked
 
+    ahead = None
+    if next_group is not None and SetUpAhead.possible(study, next_group[1]):
+        ahead = SetUpAhead(study, run, *next_group, template=template)
     settings = RunSettings(
         output_dir=group_dir,
         callbacks=[
+            *([ahead] if ahead is not None else []),
             ChildLossCallback(children, diverged, sync_steps=measured),
             StackedDivergenceCallback(
                 children, diverged, output_files={k: run.divergence_file(t, k) for k in pending}, spawn_step=t,
@@ -409,9 +519,13 @@ def train_stacked_group(
         # The stack's logged loss is the sum of its children's (a diverged child is reported on its
         # own): the Trainer's NaN filter, which waits for the device at every step, is off.
         args={"save_strategy": "no", "eval_strategy": "no", "logging_nan_inf_filter": False},
+        # a step of the stack waits for nothing on the host (no sync inside it): the batch copy need not either
+        non_blocking_copies=True,
     )
     with run_scope(trainer, settings):
         study.train_run(spawn, settings.callbacks)
+        if ahead is not None:
+            ahead.wait()  # (its copies of the template are made before the children are unstacked into it)
         for index, k in enumerate(children):
             if k not in pending:
                 continue

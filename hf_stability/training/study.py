@@ -14,6 +14,8 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,7 @@ from .final_writer import FinalWriter, can_write_in_background
 from .identity import run_config
 from .preflight import check_study
 from .result import ButterflyResult
-from .stacked import train_stacked_group
+from .stacked import StackedModel, train_stacked_group
 from .stacked_attention import PER_CHILD, attention_for_stacked_run
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,9 @@ class RunSettings:
     model: nn.Module | None = None  # a model to train instead of the trainer's own (a stacked group)
     model_init: Callable[[], nn.Module] | None = None  # and its model_init
     args: dict[str, Any] = field(default_factory=dict)  # TrainingArguments fields set for the run only
+    # copy each batch to the device without waiting for the steps before it (a stacked group, whose
+    # replayed step leaves the host free to run ahead; accelerate's DataLoaderConfiguration.non_blocking)
+    non_blocking_copies: bool = False
 
 
 @contextlib.contextmanager
@@ -77,7 +82,11 @@ def run_scope(trainer: Any, settings: RunSettings) -> Iterator[None]:
     saved_args = {name: getattr(trainer.args, name) for name in changed}
     saved = (trainer.model_init, trainer.study_run, list(trainer.callback_handler.callbacks))
     saved_model = (trainer.model, trainer.model_wrapped) if settings.model is not None else None
+    loader_config = getattr(trainer.accelerator, "dataloader_config", None)
+    saved_non_blocking = getattr(loader_config, "non_blocking", None)
     try:
+        if settings.non_blocking_copies and saved_non_blocking is not None:
+            loader_config.non_blocking = True
         trainer.args.output_dir = str(settings.output_dir)
         for name, value in settings.args.items():
             setattr(trainer.args, name, value)
@@ -95,6 +104,8 @@ def run_scope(trainer: Any, settings: RunSettings) -> Iterator[None]:
         for name, value in saved_args.items():
             setattr(trainer.args, name, value)
         trainer.model_init, trainer.study_run, trainer.callback_handler.callbacks = saved
+        if saved_non_blocking is not None:
+            loader_config.non_blocking = saved_non_blocking
         if saved_model is not None:
             trainer.model, trainer.model_wrapped = saved_model
 
@@ -119,6 +130,9 @@ class ButterflyStudy:
         self._checked_spawns: set[int] = set()
         self.writer: FinalWriter | None = None  # the children's final/ writes, while later children train
         self.rng_after_model_init: dict[bytes, Any] = {}  # a stacked group's model_init draws (stacked.py)
+        self.last_stack: StackedModel | None = None  # the last stacked group's model, reused by the next (stacked.py)
+        # the next stacked group's children, set up while a group trains: ((spawn step, children), future)
+        self.group_set_up_ahead: tuple[tuple[int, tuple[int, ...]], Future] | None = None
 
     # ---- the study, top to bottom ------------------------------------------------------------
     def run(self) -> ButterflyResult:
@@ -216,25 +230,29 @@ class ButterflyStudy:
         missing ones."""
         stability = self.stability
         total = sum(len(stability.children_at(t)) for t in stability.spawn_steps)
+        groups = [(t, group) for t in stability.spawn_steps for group in stability.child_groups(t)]
+        todo = [(t, group, [k for k in group if run.child_status(t, k) == "pending"]) for t, group in groups]
         self.writer = FinalWriter()
         try:
             with tqdm(total=total, desc="children", unit="child", disable=not self.trainer.is_world_process_zero(),
                       position=0) as progress:
-                for t in stability.spawn_steps:
-                    for group in stability.child_groups(t):
-                        pending = [k for k in group if run.child_status(t, k) == "pending"]
-                        progress.update(len(group) - len(pending))
-                        if not pending:
-                            continue
-                        if len(group) > 1:
-                            train_stacked_group(self, run, t, group, pending)
-                        else:
-                            self.train_child(run, t, group[0])
-                        progress.update(len(pending))
+                progress.update(sum(len(group) - len(pending) for _, group, pending in todo))
+                todo = [(t, group, pending) for t, group, pending in todo if pending]
+                for i, (t, group, pending) in enumerate(todo):
+                    if len(group) > 1:
+                        following = todo[i + 1] if i + 1 < len(todo) and len(todo[i + 1][1]) > 1 else None
+                        train_stacked_group(self, run, t, group, pending, next_group=following)
+                    else:
+                        self.train_child(run, t, group[0])
+                    progress.update(len(pending))
             self.writer.wait()
         finally:
+            if self.group_set_up_ahead is not None:  # nothing is left writing once the study returns or raises
+                futures_wait([self.group_set_up_ahead[1]])
+                self.group_set_up_ahead = None
             self.writer.close()
             self.writer = None
+            self.last_stack = None
 
     def train_child(self, run: RunDirectory, t: int, k: int) -> None:
         """Child k of spawn step t: resumed from its own latest checkpoint, else from the spawn
