@@ -79,6 +79,21 @@ def test_host_copy_keeps_shared_storage():
     assert views["a"].untyped_storage().data_ptr() == views["b"].untyped_storage().data_ptr()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="copies from a GPU")
+def test_host_copy_from_a_gpu_lands_in_pinned_memory_with_its_ties():
+    model = BertForMaskedLM(tiny_bert_config()).cuda()
+    state = model.state_dict()
+    copy = host_copy(state)
+    for name, tensor in state.items():
+        assert copy[name].device.type == "cpu" and copy[name].is_pinned()
+        assert torch.equal(copy[name], tensor.cpu())
+    tied = ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight")
+    assert copy[tied[0]].data_ptr() == copy[tied[1]].data_ptr()
+    with torch.no_grad():  # a copy, not a view that follows the model
+        model.get_parameter(tied[0]).add_(1.0)
+    assert not torch.equal(copy[tied[0]], model.get_parameter(tied[0]).cpu())
+
+
 def test_a_failed_write_raises_and_leaves_no_folder(tmp_path):
     model = tiny_bert(0)
     blocker = tmp_path / "child"

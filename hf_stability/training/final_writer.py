@@ -59,8 +59,12 @@ def can_write_in_background(trainer: Any) -> bool:
 def host_copy(state_dict: dict[str, Any]) -> dict[str, Any]:
     """``state_dict`` copied to host memory, one copy per storage: tensors that share a storage
     (tied embeddings, views of one fused weight) share it in the copy, at the same offsets, so
-    ``save_pretrained`` sees the same ties."""
+    ``save_pretrained`` sees the same ties. From a GPU the copies go to pinned memory, all queued
+    before one wait (a copy to pageable memory waits for each storage: on an H100 host 66 ms for
+    a MiniLM's 200 tensors, most of a stacked child's hand-over); torch's host allocator keeps
+    the pinned blocks for the next child's copy once a write has dropped them."""
     copies: dict[tuple[str, int], torch.UntypedStorage] = {}
+    streams: set[torch.cuda.Stream] = set()
     out: dict[str, Any] = {}
     for name, tensor in state_dict.items():
         if not isinstance(tensor, torch.Tensor):
@@ -70,9 +74,18 @@ def host_copy(state_dict: dict[str, Any]) -> dict[str, Any]:
         storage = tensor.untyped_storage()
         key = (str(tensor.device), storage.data_ptr())
         if key not in copies:
-            copies[key] = storage.clone() if tensor.device.type == "cpu" else storage.cpu()
+            if tensor.device.type == "cpu":
+                copies[key] = storage.clone()
+            elif tensor.device.type == "cuda" and storage.nbytes() > 0:
+                copy = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=True).untyped_storage()
+                copies[key] = copy.copy_(storage, non_blocking=True)
+                streams.add(torch.cuda.current_stream(tensor.device))
+            else:
+                copies[key] = storage.cpu()
         out[name] = torch.empty(0, dtype=tensor.dtype).set_(copies[key], tensor.storage_offset(), tensor.size(),
                                                             tensor.stride())
+    for stream in streams:  # the copies have landed before anyone reads them (or the device changes them)
+        stream.synchronize()
     return out
 
 
