@@ -6,7 +6,8 @@ three ways: in 8 threads, one after the other, and in 8 threads with one intra-o
 Then ``butterfly()`` of the children with K = 8 and K = 1 while ButterflyStudy's methods are timed
 (each with a device synchronisation): ``train_run`` (the Trainer's train()), ``finalize`` (final
 evaluation and the hand-over to the FinalWriter), the FinalWriter's last wait and, for K = 8, each
-whole group; a group's set-up (perturbing and stacking) is its total less the others. Prints.
+whole group; a group's set-up (perturbing and stacking) is its total less the others; and, per
+train(), the host clock of its steps (``StepClock``). Prints.
 
     python benchmarks/stacked_phases.py [--fp32] [--stacked-only] [--cprofile]
 """
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 from children_throughput import _data, _model, study_trainer
+from transformers import TrainerCallback
 
 from hf_stability.perturb import PerturbationConfig
 from hf_stability.perturb.apply import perturb_model
@@ -79,6 +81,31 @@ def wrap(owner, name: str, key: str, phases: dict[str, float]) -> None:
     setattr(owner, name, timed_call)
 
 
+class StepClock(TrainerCallback):
+    """Host clock of each train(): to its first step's end, the first three steps (the eager step,
+    the warm-up and the capture of a stacked step's graphs), the steps after them, and from the
+    last step's end until the device has finished it (a synchronisation in on_train_end)."""
+
+    def __init__(self):
+        self.runs: list[dict[str, float]] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.begin, self.ends = time.perf_counter(), []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if len(self.ends) < 4:
+            return
+        host_end = time.perf_counter()
+        torch.cuda.synchronize()
+        done, ends = time.perf_counter(), self.ends
+        self.runs.append({"to first step": ends[0] - self.begin, "steps 2-3": ends[2] - ends[0],
+                          f"steps 4-{len(ends)} per step ms": 1000 * (ends[-1] - ends[2]) / (len(ends) - 3),
+                          "after last step, host": host_end - ends[-1], "device catching up": done - host_end})
+
+
 def main() -> None:
     bf16 = "--fp32" not in sys.argv
     print(json.dumps(setup_times(), indent=1), flush=True)
@@ -93,11 +120,16 @@ def main() -> None:
         root = Path(tempfile.mkdtemp())
         trainer = study_trainer(root, train, test, k, bf16)
         trainer.butterfly()
+        clock = StepClock()
+        trainer.add_callback(clock)
         for child in root.glob("children/*"):
             shutil.rmtree(child)
         phases.clear()
         seconds = timed(trainer.butterfly)
         print(f"K={k} total {seconds:.2f} s", {key: round(value, 3) for key, value in phases.items()}, flush=True)
+        for run in clock.runs:
+            print("  train():", {key: round(value, 3) for key, value in run.items()}, flush=True)
+        trainer.callback_handler.remove_callback(clock)
         if "--cprofile" in sys.argv:  # where the rest of the children's time goes (cProfile slows Python)
             for child in root.glob("children/*"):
                 shutil.rmtree(child)
