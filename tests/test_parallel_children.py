@@ -120,6 +120,19 @@ def test_stacked_groups_share_one_stack_are_set_up_ahead_and_copy_batches_withou
             assert (tmp_path / f"run/children/t{t}/c{k}/final/model.safetensors").is_file()
 
 
+def test_a_stack_holds_only_models_of_its_width_and_layout_and_loads_them_in_place():
+    stack = StackedModel([tiny_bert(0), tiny_bert(1)])
+    memory = {n: p.data_ptr() for n, p in stack.stacked_parameters().items()}
+    assert not stack.can_hold([tiny_bert(2)])  # another width
+    assert not stack.can_hold([tiny_bert(2), tiny_bert(3, num_labels=5)])  # another head
+    others = [tiny_bert(2), tiny_bert(3)]
+    assert stack.can_hold(others)
+    stack.load(others)
+    for name, p in stack.stacked_parameters().items():
+        assert p.data_ptr() == memory[name]
+        assert torch.equal(p[0], others[0].get_parameter(name)) and torch.equal(p[1], others[1].get_parameter(name))
+
+
 @pytest.mark.parametrize("change, message", [
     ({"optim": "sgd"}, "only AdamW"),
     ({"stability": {"parallel_children": 10**6}}, r"needs about [0-9.]+ GiB .* GiB are free"),

@@ -89,17 +89,12 @@ class StackedModel(nn.Module):
         shared tensors with the same shapes, dtypes and devices (``load`` then reuses it)."""
         if len(models) != self.num_children:
             return False
-        mine = dict(self.template.named_parameters())
-        for model in models:
-            theirs = dict(model.named_parameters())
-            if theirs.keys() != mine.keys() or dict(model.named_buffers()).keys() != dict(
-                    self.template.named_buffers()).keys():
-                return False
-            for name, p in theirs.items():
-                shape = mine[name].shape[1:] if name in self.stacked_names else mine[name].shape
-                if (p.shape, p.dtype, p.device) != (shape, mine[name].dtype, mine[name].device):
-                    return False
-        return True
+        def layout(tensors: Any, stacked: set[str]) -> dict[str, tuple]:
+            return {n: (x.shape[1:] if n in stacked else x.shape, x.dtype, x.device) for n, x in tensors}
+
+        stacked = set(self.stacked_names)
+        mine = (layout(self.template.named_parameters(), stacked), layout(self.template.named_buffers(), set()))
+        return all((layout(m.named_parameters(), set()), layout(m.named_buffers(), set())) == mine for m in models)
 
     def load(self, models: list[nn.Module]) -> None:
         """Put ``models``' weights and buffers into this stack, in place: the memory its CUDA graphs

@@ -243,6 +243,7 @@ class ButterflyStudy:
                         following = todo[i + 1] if i + 1 < len(todo) and len(todo[i + 1][1]) > 1 else None
                         train_stacked_group(self, run, t, group, pending, next_group=following)
                     else:
+                        self.last_stack = None  # (a child alone gets the memory the stack held)
                         self.train_child(run, t, group[0])
                     progress.update(len(pending))
             self.writer.wait()
