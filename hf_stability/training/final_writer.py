@@ -60,8 +60,8 @@ def host_copy(state_dict: dict[str, Any]) -> dict[str, Any]:
     """``state_dict`` copied to host memory, one copy per storage: tensors that share a storage
     (tied embeddings, views of one fused weight) share it in the copy, at the same offsets, so
     ``save_pretrained`` sees the same ties. From a GPU the copies go to pinned memory, all queued
-    before one wait (a copy to pageable memory waits for each storage: on an H100 host 66 ms for
-    a MiniLM's 200 tensors, most of a stacked child's hand-over); torch's host allocator keeps
+    before one wait (a copy to pageable memory waits for each storage: 66 ms for a MiniLM's 200
+    tensors under cProfile on an H100 host, most of a stacked child's hand-over); torch's host allocator keeps
     the pinned blocks for the next child's copy once a write has dropped them."""
     copies: dict[tuple[str, int], torch.UntypedStorage] = {}
     streams: set[torch.cuda.Stream] = set()
