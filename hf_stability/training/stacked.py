@@ -350,14 +350,15 @@ def choose_children_at_once(trainer: Any) -> int:
 
 # ---- mechanism ----------------------------------------------------------------------------------
 def set_up_children(study: ButterflyStudy, run: RunDirectory, t: int, children: list[int], pending: list[int],
-                    template: nn.Module) -> list[nn.Module]:
-    """The children of a group, each a copy of ``template`` with spawn step ``t``'s weights,
-    perturbed (the records of those in ``pending`` written, their stale checkpoints removed)."""
+                    template: nn.Module, spawn: Path) -> list[nn.Module]:
+    """The children of a group, each a copy of ``template`` with the weights of ``spawn`` (spawn
+    step ``t``'s checkpoint, already checked), perturbed (the records of those in ``pending``
+    written, their stale checkpoints removed)."""
     from .callbacks import independent_batch
     from .checkpoints import checkpoint_state_dict, load_checkpoint_weights
 
     trainer, stability = study.trainer, study.stability
-    weights = checkpoint_state_dict(template, study.spawn_checkpoint(run, t))
+    weights = checkpoint_state_dict(template, spawn)
     configs = {k: stability.config_for_child(k) for k in children}
     batches: dict[int, Any] = {}
     if any(config.kind == PerturbationKind.BATCH for config in configs.values()):
@@ -397,7 +398,7 @@ class SetUpAhead(TrainerCallback):
     device has room for the next group's copies beside this group (half of what is free then).
     ``wait()`` returns once that set-up is done (before anything writes into the template it copies)."""
 
-    START_AFTER_STEPS = 3
+    START_AT_STEP = 4  # of this group's steps
 
     def __init__(self, study: ButterflyStudy, run: RunDirectory, t: int, children: list[int], pending: list[int],
                  template: nn.Module):
@@ -412,7 +413,7 @@ class SetUpAhead(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.steps += 1
-        if self.steps != self.START_AFTER_STEPS + 1:
+        if self.steps != self.START_AT_STEP:
             return
         tensors = list(self.template.parameters()) + list(self.template.buffers())
         need = len(self.group[1]) * sum(x.numel() * x.element_size() for x in tensors)
@@ -424,8 +425,9 @@ class SetUpAhead(TrainerCallback):
         t, children, pending = self.group
         logger.info("Setting up the next stacked group (spawn step %d, children %s) while this one trains.", t,
                     children)
+        spawn = self.study.spawn_checkpoint(self.run, t)  # (checked here, in the study's thread)
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-stability-set-up")
-        self.future = pool.submit(set_up_children, self.study, self.run, t, children, pending, self.template)
+        self.future = pool.submit(set_up_children, self.study, self.run, t, children, pending, self.template, spawn)
         pool.shutdown(wait=False)
         self.study.group_set_up_ahead = ((t, tuple(children)), self.future)
 
@@ -457,17 +459,17 @@ def train_stacked_group(
     if ahead is not None and ahead[0] == (t, tuple(children)):
         models = ahead[1].result()
     else:
-        models = set_up_children(study, run, t, children, pending, template)
+        models = set_up_children(study, run, t, children, pending, template, spawn)
     # A group of as many children as the last one trains in that group's stack, loaded with its own
     # weights: the CUDA graphs captured for the last group replay for this one (no warm-up, no capture).
-    stacked = study.last_stack
-    if stacked is not None and stacked.can_hold(models):
-        stacked.load(models)
+    if study.last_stack is not None and study.last_stack.can_hold(models):
+        study.last_stack.load(models)
     else:
-        study.last_stack = stacked = None  # (its memory goes before the new stack takes its own)
-        stacked = StackedModel(models, stack_frozen=not stability.perturbation_trainable_only,
-                               eager_attention=study.eager_attention, cuda_graphs=stability.stacked_cuda_graphs)
-        study.last_stack = stacked
+        study.last_stack = None  # (its memory goes before the new stack takes its own)
+        study.last_stack = StackedModel(models, stack_frozen=not stability.perturbation_trainable_only,
+                                        eager_attention=study.eager_attention,
+                                        cuda_graphs=stability.stacked_cuda_graphs)
+    stacked = study.last_stack
     del models
 
     group_dir = run.stacked_group_dir(t, children)
