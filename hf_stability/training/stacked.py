@@ -24,8 +24,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -396,7 +395,7 @@ class SetUpAhead(TrainerCallback):
     from this group's fourth step, once its step replays from CUDA graphs (no capture under way),
     and only where nothing in the set-up touches a global RNG the training draws from and the
     device has room for the next group's copies beside this group (half of what is free then).
-    ``wait()`` returns once that set-up is done (before anything writes into the template it copies)."""
+    The set-up's future is the study's ``group_set_up_ahead``."""
 
     START_AT_STEP = 4  # of this group's steps
 
@@ -405,7 +404,6 @@ class SetUpAhead(TrainerCallback):
         self.study, self.run, self.group = study, run, (t, children, pending)
         self.template = template
         self.steps = 0
-        self.future: Future | None = None
 
     @staticmethod
     def possible(study: ButterflyStudy, children: list[int]) -> bool:
@@ -427,13 +425,9 @@ class SetUpAhead(TrainerCallback):
                     children)
         spawn = self.study.spawn_checkpoint(self.run, t)  # (checked here, in the study's thread)
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-stability-set-up")
-        self.future = pool.submit(set_up_children, self.study, self.run, t, children, pending, self.template, spawn)
+        future = pool.submit(set_up_children, self.study, self.run, t, children, pending, self.template, spawn)
         pool.shutdown(wait=False)
-        self.study.group_set_up_ahead = ((t, tuple(children)), self.future)
-
-    def wait(self) -> None:
-        if self.future is not None:
-            futures_wait([self.future])
+        self.study.group_set_up_ahead = ((t, tuple(children)), future)
 
 
 def train_stacked_group(
@@ -521,8 +515,7 @@ def train_stacked_group(
     )
     with run_scope(trainer, settings):
         study.train_run(spawn, settings.callbacks)
-        if ahead is not None:
-            ahead.wait()  # (its copies of the template are made before the children are unstacked into it)
+        study.wait_for_group_set_up()  # (its copies of the template are made before the children are unstacked into it)
         for index, k in enumerate(children):
             if k not in pending:
                 continue

@@ -248,12 +248,16 @@ class ButterflyStudy:
                     progress.update(len(pending))
             self.writer.wait()
         finally:
-            if self.group_set_up_ahead is not None:  # nothing is left writing once the study returns or raises
-                futures_wait([self.group_set_up_ahead[1]])
-                self.group_set_up_ahead = None
+            self.wait_for_group_set_up()  # nothing is left writing once the study returns or raises
+            self.group_set_up_ahead = None
             self.writer.close()
             self.writer = None
             self.last_stack = None
+
+    def wait_for_group_set_up(self) -> None:
+        """Returns once the next stacked group's set-up under way in a thread (if any) is done."""
+        if self.group_set_up_ahead is not None:
+            futures_wait([self.group_set_up_ahead[1]])
 
     def train_child(self, run: RunDirectory, t: int, k: int) -> None:
         """Child k of spawn step t: resumed from its own latest checkpoint, else from the spawn
