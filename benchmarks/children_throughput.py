@@ -11,7 +11,10 @@ one model and of 8 stacked children with and without CUDA graphs, and writes a t
 table of one step of 8 stacked children beside the JSON. Prints and writes JSON.
 
     python benchmarks/children_throughput.py [--steps 60] [--batch 32] [--seq-len 128] [--bf16 | --tf32]
-        [--ks 1,4,8,16] [--profile] [--output FILE]
+        [--ks 1,4,8,16] [--repeats 1] [--profile] [--output FILE]
+
+--repeats N measures every K N times in turn (K=1, K=8, K=1, K=8, ...) in one process, so that each
+ratio to sequential compares runs made minutes apart on one host.
 """
 
 from __future__ import annotations
@@ -126,6 +129,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--ks", default="1,4,8,16")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--repeats", type=int, default=1, help="measure every K this many times, in turn")
     parser.add_argument("--tf32", action="store_true", help="TF32 matmuls (TrainingArguments.tf32)")
     parser.add_argument("--profile", action="store_true", help="write a profile of one stacked step (needs --output)")
     parser.add_argument("--output", default=None)
@@ -137,7 +141,7 @@ def main() -> None:
     children, rows = 16, []
     ks = [int(x) for x in args.ks.split(",")]
     try:
-        for k in ks:
+        for repeat, k in ((r, k) for r in range(args.repeats) for k in ks):
             root = roots[k > 1]
             for child_dir in root.glob("children/*"):
                 shutil.rmtree(child_dir)
@@ -152,12 +156,12 @@ def main() -> None:
             try:
                 trainer.butterfly()
             except HfStabilityError as err:  # a K refused before training (memory estimate)
-                rows.append({"parallel_children": k, "refused": str(err)})
+                rows.append({"parallel_children": k, "repeat": repeat, "refused": str(err)})
                 print(f"K={k:>2}: refused: {err}")
                 continue
             torch.cuda.synchronize()
             seconds = time.perf_counter() - started
-            rows.append({"parallel_children": k, "seconds": seconds,
+            rows.append({"parallel_children": k, "repeat": repeat, "seconds": seconds,
                          "child_steps_per_s": children * args.steps / seconds,
                          "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
                          "control_vs_parent_l2": _relative_l2(root / "parent" / "final",
@@ -168,8 +172,9 @@ def main() -> None:
     finally:
         for root in roots.values():
             shutil.rmtree(root, ignore_errors=True)
-    sequential = next((r["seconds"] for r in rows if r["parallel_children"] == 1), None)
-    for row in rows:
+    for row in rows:  # against the sequential run of the same repeat
+        sequential = next((r["seconds"] for r in rows if r["parallel_children"] == 1 and r["repeat"] == row["repeat"]
+                           and "seconds" in r), None)
         if "seconds" in row:
             row["time_vs_sequential"] = row["seconds"] / sequential if sequential else None
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "children": children,

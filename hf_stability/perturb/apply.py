@@ -179,7 +179,7 @@ def perturb_model(
         raise PerturbationConfigError("kind='batch' needs a batch: pass batch={...} with inputs and labels.")
 
     # Noise comes from the perturbation's own generator; only the batch gradient's forward pass may
-    # touch a global RNG. (Not restoring it otherwise lets a thread perturb while another trains.)
+    # touch a global RNG. (Not restoring it otherwise lets several children be perturbed in threads.)
     keep_rng = preserve_global_rng() if config.kind == PerturbationKind.BATCH else contextlib.nullcontext()
     with keep_rng, torch.no_grad():
         params = select_parameters(model, config.include, config.exclude, config.trainable_only)
@@ -241,15 +241,16 @@ def perturb_model(
         for name, p in params.items():
             index = entries[name]
             index = index.to(p.device) if index is not None else None
-            noise = direction(name).to(p.device).double() * (factor * scales[name])
-            before = _entries(p.detach(), index).clone()
+            # (in place where the tensor is this loop's own: the same IEEE operations, fewer copies)
+            noise = direction(name).to(p.device).to(torch.float64, copy=True).mul_(factor * scales[name])
+            before = _entries(p.detach(), index).to(torch.float64, copy=True)
             flat = p.data.view(-1)
             values = noise.to(p.dtype)
             if index is None:
                 flat.add_(values)
             else:
                 flat.index_add_(0, index, values)
-            delta = _entries(p.detach(), index).double() - before.double()
+            delta = _entries(p.detach(), index).to(torch.float64, copy=True).sub_(before)
             recorded = index is not None and index.numel() <= MAX_RECORDED_INDICES
             norms = torch.stack([delta.norm(), noise.norm()])
             pending.append((name, p, norms, index.tolist() if recorded else None,

@@ -33,7 +33,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainingArguments
 
 from ..atomic_io import write_json
 from ..errors import RunDirectoryError, StudySetupError
@@ -390,54 +390,12 @@ def _uses_global_rng(configs: Any) -> bool:
     return any(config.kind in (PerturbationKind.BATCH, PerturbationKind.INIT_SEED) for config in configs)
 
 
-class SetUpAhead(TrainerCallback):
-    """Sets up the next stacked group (``set_up_children``, in a thread) while this group trains:
-    from this group's fourth step, once its step replays from CUDA graphs (no capture under way),
-    and only where nothing in the set-up touches a global RNG the training draws from and the
-    device has room for the next group's copies beside this group (half of what is free then).
-    The set-up's future is the study's ``group_set_up_ahead``."""
-
-    START_AT_STEP = 4  # of this group's steps
-
-    def __init__(self, study: ButterflyStudy, run: RunDirectory, t: int, children: list[int], pending: list[int],
-                 template: nn.Module):
-        self.study, self.run, self.group = study, run, (t, children, pending)
-        self.template = template
-        self.steps = 0
-
-    @staticmethod
-    def possible(study: ButterflyStudy, children: list[int]) -> bool:
-        return not _uses_global_rng(study.stability.config_for_child(k) for k in children)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.steps += 1
-        if self.steps != self.START_AT_STEP:
-            return
-        tensors = list(self.template.parameters()) + list(self.template.buffers())
-        need = len(self.group[1]) * sum(x.numel() * x.element_size() for x in tensors)
-        free = available_bytes(args.device)
-        if need > 0.5 * free:
-            logger.info("The next stacked group is set up after this one (its %.1f GiB of copies would take more "
-                        "than half of the %.1f GiB free).", need / 2**30, free / 2**30)
-            return
-        t, children, pending = self.group
-        logger.info("Setting up the next stacked group (spawn step %d, children %s) while this one trains.", t,
-                    children)
-        spawn = self.study.spawn_checkpoint(self.run, t)  # (checked here, in the study's thread)
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-stability-set-up")
-        future = pool.submit(set_up_children, self.study, self.run, t, children, pending, self.template, spawn)
-        pool.shutdown(wait=False)
-        self.study.group_set_up_ahead = ((t, tuple(children)), future)
-
-
 def train_stacked_group(
     study: ButterflyStudy, run: RunDirectory, t: int, children: list[int], pending: list[int],
-    next_group: tuple[int, list[int], list[int]] | None = None,
 ) -> None:
     """Train ``children`` of spawn step ``t`` as one stacked model, then write the final/ of each
     child in ``pending`` like a child trained alone (the others are already written). A killed
-    group restarts from the spawn checkpoint. ``next_group`` (spawn step, children, pending): the
-    stacked group that trains next, set up while this one trains where it can be (``SetUpAhead``)."""
+    group restarts from the spawn checkpoint."""
     from .callbacks import ChildLossCallback, StackedDivergenceCallback
     from .divergence import divergence_steps
     from .study import RunSettings, call_without_trial, run_scope
@@ -448,12 +406,7 @@ def train_stacked_group(
     # real model, not later from the stacked model's forward(**inputs).
     trainer._set_signature_columns_if_needed()
     spawn = study.spawn_checkpoint(run, t)
-    ahead = study.group_set_up_ahead
-    study.group_set_up_ahead = None
-    if ahead is not None and ahead[0] == (t, tuple(children)):
-        models = ahead[1].result()
-    else:
-        models = set_up_children(study, run, t, children, pending, template, spawn)
+    models = set_up_children(study, run, t, children, pending, template, spawn)
     # A group of as many children as the last one trains in that group's stack, loaded with its own
     # weights: the CUDA graphs captured for the last group replay for this one (no warm-up, no capture).
     if study.last_stack is not None and study.last_stack.can_hold(models):
@@ -484,13 +437,9 @@ def train_stacked_group(
         set_global_rng_state(study.rng_after_model_init[key])
         return stacked
 
-    ahead = None
-    if next_group is not None and SetUpAhead.possible(study, next_group[1]):
-        ahead = SetUpAhead(study, run, *next_group, template=template)
     settings = RunSettings(
         output_dir=group_dir,
         callbacks=[
-            *([ahead] if ahead is not None else []),
             ChildLossCallback(children, diverged, sync_steps=measured),
             StackedDivergenceCallback(
                 children, diverged, output_files={k: run.divergence_file(t, k) for k in pending}, spawn_step=t,
@@ -515,7 +464,6 @@ def train_stacked_group(
     )
     with run_scope(trainer, settings):
         study.train_run(spawn, settings.callbacks)
-        study.wait_for_group_set_up()  # (its copies of the template are made before the children are unstacked into it)
         for index, k in enumerate(children):
             if k not in pending:
                 continue

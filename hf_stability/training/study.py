@@ -14,8 +14,6 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
-from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,8 +129,6 @@ class ButterflyStudy:
         self.writer: FinalWriter | None = None  # the children's final/ writes, while later children train
         self.rng_after_model_init: dict[bytes, Any] = {}  # a stacked group's model_init draws (stacked.py)
         self.last_stack: StackedModel | None = None  # the last stacked group's model, reused by the next (stacked.py)
-        # the next stacked group's children, set up while a group trains: ((spawn step, children), future)
-        self.group_set_up_ahead: tuple[tuple[int, tuple[int, ...]], Future] | None = None
 
     # ---- the study, top to bottom ------------------------------------------------------------
     def run(self) -> ButterflyResult:
@@ -238,26 +234,18 @@ class ButterflyStudy:
                       position=0) as progress:
                 progress.update(sum(len(group) - len(pending) for _, group, pending in todo))
                 todo = [(t, group, pending) for t, group, pending in todo if pending]
-                for i, (t, group, pending) in enumerate(todo):
+                for t, group, pending in todo:
                     if len(group) > 1:
-                        following = todo[i + 1] if i + 1 < len(todo) and len(todo[i + 1][1]) > 1 else None
-                        train_stacked_group(self, run, t, group, pending, next_group=following)
+                        train_stacked_group(self, run, t, group, pending)
                     else:
                         self.last_stack = None  # (a child alone gets the memory the stack held)
                         self.train_child(run, t, group[0])
                     progress.update(len(pending))
             self.writer.wait()
         finally:
-            self.wait_for_group_set_up()  # nothing is left writing once the study returns or raises
-            self.group_set_up_ahead = None
             self.writer.close()
             self.writer = None
             self.last_stack = None
-
-    def wait_for_group_set_up(self) -> None:
-        """Returns once the next stacked group's set-up under way in a thread (if any) is done."""
-        if self.group_set_up_ahead is not None:
-            futures_wait([self.group_set_up_ahead[1]])
 
     def train_child(self, run: RunDirectory, t: int, k: int) -> None:
         """Child k of spawn step t: resumed from its own latest checkpoint, else from the spawn
