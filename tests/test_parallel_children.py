@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_bert, tiny_trainer
+from helpers import tiny_bert, tiny_bert_config, tiny_trainer
 from safetensors.torch import load_file
 from torch import nn
 from torch.func import vmap
 from torch.nn import functional as F
+from transformers import BertForSequenceClassification
 
 from hf_stability import StabilityArguments
 from hf_stability.errors import HfStabilityError
@@ -33,9 +34,15 @@ def _study(out, parallel, **overrides):
     stability = dict(spawn_steps=[0, 5], num_children=3, perturbation_scale=0.5, divergence_every=5,
                      parallel_children=parallel)
     stability.update(overrides.pop("stability", {}))
+    model_init = overrides.pop("model_init", None)
     # the tiny BERT has dropout 0.1: the stacked children must draw the masks a child alone draws
     training = {"max_steps": 20, "learning_rate": 3e-3, "max_grad_norm": 0.5, **overrides}
-    return tiny_trainer(out, StabilityArguments(**stability), **training).butterfly()
+    return tiny_trainer(out, StabilityArguments(**stability), model_init=model_init, **training).butterfly()
+
+
+def _unseeded_bert():
+    """The tiny BERT from the global RNG (the Trainer seeds it; an init-seed child reseeds it)."""
+    return BertForSequenceClassification(tiny_bert_config())
 
 
 def _relative(a_dir, b_dir) -> float:
@@ -49,14 +56,17 @@ def _relative(a_dir, b_dir) -> float:
 @pytest.mark.parametrize(
     "overrides",
     [{}, {"gradient_accumulation_steps": 2, "lr_scheduler_type": "cosine"},
-     {"stability": {"perturbation_kind": "batch", "perturbation_scale": 0.1}}],
-    ids=["plain", "grad-accumulation-cosine", "batch-perturbation"],
+     {"stability": {"perturbation_kind": "batch", "perturbation_scale": 0.1}},
+     # one group of a perturbed child, the init-seed reference (a model of its own) and the data-order one
+     {"stability": {"spawn_steps": [0], "num_children": 1, "reference_children": 1}, "model_init": _unseeded_bert}],
+    ids=["plain", "grad-accumulation-cosine", "batch-perturbation", "init-seed-reference"],
 )
 def test_stacked_children_end_as_sequential_children(tmp_path, overrides):
     alone = _study(tmp_path / "alone", 1, **copy.deepcopy(overrides)).run_dir
     stacked = _study(tmp_path / "stacked", 4, **copy.deepcopy(overrides)).run_dir
-    for t in (0, 5):
-        for k in range(4):  # child 0 is the control
+    spawn_steps = overrides.get("stability", {}).get("spawn_steps", [0, 5])
+    for t in spawn_steps:
+        for k in sorted(int(c.name[1:]) for c in (alone / f"children/t{t}").glob("c*")):  # child 0 is the control
             assert _relative(alone / f"children/t{t}/c{k}/final", stacked / f"children/t{t}/c{k}/final") < 1e-6
             assert (json.loads((stacked / f"children/t{t}/c{k}/perturbation.json").read_text())
                     == json.loads((alone / f"children/t{t}/c{k}/perturbation.json").read_text()))
@@ -126,6 +136,11 @@ def test_a_stack_holds_only_models_of_its_width_and_layout_and_loads_them_in_pla
     for name, p in stack.stacked_parameters().items():
         assert p.data_ptr() == memory[name]
         assert torch.equal(p[0], others[0].get_parameter(name)) and torch.equal(p[1], others[1].get_parameter(name))
+    one = tiny_bert(4)  # one model in every slice (a group's spawn weights, before each slice is perturbed)
+    stack.load([one, one])
+    for name, p in stack.stacked_parameters().items():
+        assert p.data_ptr() == memory[name]
+        assert torch.equal(p[0], one.get_parameter(name)) and torch.equal(p[1], one.get_parameter(name))
 
 
 @pytest.mark.parametrize("change, message", [

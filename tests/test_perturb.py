@@ -179,6 +179,42 @@ def test_control_changes_nothing_bitwise():
         assert torch.equal(torch.signbit(before[n]), torch.signbit(after[n]))
 
 
+@pytest.mark.parametrize("config", [
+    PerturbationConfig(scale=0.1, scale_mode="param"),
+    PerturbationConfig(scale=0.1, normalize=True, fraction=0.3, exclude=["LayerNorm"]),
+    PerturbationConfig(scale=1.0, kind="single_weight"),
+    PerturbationConfig(kind="batch", scale=0.1, batch_size=4),
+], ids=["gaussian-param-scale", "normalized-fraction", "single-weight", "batch"])
+def test_perturbing_into_a_slice_of_a_stack_does_what_perturbing_the_model_does(config):
+    """``into=``: a child's slice of a stack of children is perturbed bit for bit as a copy of the
+    model would be, with the same record, and the model itself is left as it is."""
+    model = tiny_bert()
+    train, _ = tweets()
+    batch = {k: torch.tensor(train[:8][k]) for k in ("input_ids", "attention_mask", "token_type_ids", "label")}
+    batch["labels"] = batch.pop("label")
+    before = _params(model)
+    names = [n for n, _ in model.named_parameters()]
+    stack = {n: torch.stack([before[n]] * 3) for n in names}
+    record = perturb_model(model, config, step=4, child=2, batch=batch, into={n: stack[n][1] for n in names})
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(stack[n][0], before[n]) and torch.equal(stack[n][2], before[n]) for n in names)
+    expected = perturb_model(model, config, step=4, child=2, batch=batch)
+    assert record == expected and record.entries_changed > 0
+    assert all(torch.equal(stack[n][1], p.detach()) for n, p in model.named_parameters())
+
+
+def test_perturbing_into_tensors_that_cannot_stand_for_the_parameters_is_refused():
+    model = tiny_bert()
+    names = [n for n, _ in model.named_parameters()]
+    into = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(PerturbationConfigError, match="for the selected parameter 'classifier.bias' .found none"):
+        perturb_model(model, PerturbationConfig(scale=0.1), into={n: into[n] for n in names[:-1]})
+    with pytest.raises(PerturbationConfigError, match=r"dtype torch.float32 .* \(found \(3,\) torch.float64\)"):
+        perturb_model(model, PerturbationConfig(scale=0.1), into={**into, names[-1]: into[names[-1]].double()})
+    with pytest.raises(PerturbationConfigError, match="kind='init_seed' rebuilds the model"):
+        perturb_model(model, PerturbationConfig(kind="init_seed"), model_init=tiny_bert, into=into)
+
+
 def test_record_round_trips_through_json(tmp_path):
     model = tiny_bert()
     record = perturb_model(model, PerturbationConfig(scale=0.1, num_entries=3), step=2, child=1)

@@ -140,6 +140,7 @@ def perturb_model(
     child: int = 0,
     batch: Mapping[str, Any] | None = None,
     model_init: Callable[[], nn.Module] | None = None,
+    into: Mapping[str, torch.Tensor] | None = None,
 ) -> PerturbationRecord:
     """Perturb ``model`` in place as ``config`` says and return what changed.
 
@@ -148,15 +149,19 @@ def perturb_model(
     ``batch`` (a dict of tensors with labels) is needed for ``kind='batch'`` only;
     ``model_init`` (builds the model from the global RNG, as the Trainer's does) for
     ``kind='init_seed'`` only: it is called with the global RNG seeded by the record's
-    ``reseed``.
+    ``reseed``. ``into`` (parameter name -> tensor of that parameter's shape and dtype, holding
+    the same values) perturbs those tensors in place instead of the model's own, which stay as
+    they are: one child's slice of a stack of children, perturbed alike without a copy of the
+    model; the model still gives the names, the selection, the scales and any batch gradient.
 
     Raises:
         NoMatchingParametersError: the include/exclude patterns select nothing, or fewer entries
             than ``num_entries``.
         UnknownInitScaleError: ``scale_mode='init'`` for a tensor whose initialiser is not known.
         PerturbationConfigError: ``kind='batch'`` without a batch (or one that gives no gradient),
-            ``kind='init_seed'`` without a ``model_init`` (or one that seeds itself), or a parameter
-            sharded away from this process (FSDP, ZeRO-3).
+            ``kind='init_seed'`` without a ``model_init`` (or one that seeds itself), ``kind='init_seed'``
+            with ``into``, ``into`` without a selected parameter or with another shape or dtype, or a
+            parameter sharded away from this process (FSDP, ZeRO-3).
     """
     generator_seed = derive_seed(config.seed, step, child)
     record = PerturbationRecord(
@@ -170,6 +175,8 @@ def perturb_model(
     if config.kind in RNG_KINDS or config.kind == PerturbationKind.INIT_SEED:
         record.reseed = derive_seed(config.seed, step, child, stream=1) & 0x7FFFFFFF
     if config.kind == PerturbationKind.INIT_SEED:
+        if into is not None:
+            raise PerturbationConfigError("kind='init_seed' rebuilds the model itself: perturb the model, not into=.")
         return _reinitialise(model, config, record, model_init)
     if config.kind in RNG_KINDS:
         return record
@@ -193,6 +200,7 @@ def perturb_model(
                 f"Parameter {sharded[0]!r} has no local entries (sharded by FSDP or DeepSpeed ZeRO-3?). "
                 "Perturb with DDP or on one process; sharded parameters are not supported."
             )
+        targets = params if into is None else _targets(params, into)
         generator = make_generator(config.seed, step, child)
         single = config.kind == PerturbationKind.SINGLE_WEIGHT
         entries = choose_entries(
@@ -239,18 +247,19 @@ def perturb_model(
         # in one transfer at the end rather than one wait for the device per tensor.
         pending: list[tuple[str, nn.Parameter, torch.Tensor, list[int] | None, list[float] | None]] = []
         for name, p in params.items():
+            target = targets[name].detach()
             index = entries[name]
-            index = index.to(p.device) if index is not None else None
+            index = index.to(target.device) if index is not None else None
             # (in place where the tensor is this loop's own: the same IEEE operations, fewer copies)
-            noise = direction(name).to(p.device).to(torch.float64, copy=True).mul_(factor * scales[name])
-            before = _entries(p.detach(), index).to(torch.float64, copy=True)
-            flat = p.data.view(-1)
-            values = noise.to(p.dtype)
+            noise = direction(name).to(target.device).to(torch.float64, copy=True).mul_(factor * scales[name])
+            before = _entries(target, index).to(torch.float64, copy=True)
+            flat = target.view(-1)
+            values = noise.to(target.dtype)
             if index is None:
                 flat.add_(values)
             else:
                 flat.index_add_(0, index, values)
-            delta = _entries(p.detach(), index).to(torch.float64, copy=True).sub_(before)
+            delta = _entries(target, index).to(torch.float64, copy=True).sub_(before)
             recorded = index is not None and index.numel() <= MAX_RECORDED_INDICES
             norms = torch.stack([delta.norm(), noise.norm()])
             pending.append((name, p, norms, index.tolist() if recorded else None,
@@ -282,6 +291,21 @@ def perturb_model(
         record.expected_init_l2 = config.scale * expected
         _set_size(record, init_l2)
     return record
+
+
+def _targets(params: dict[str, nn.Parameter], into: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of ``into`` for the selected parameters, checked to stand in for them."""
+    targets = {}
+    for name, p in params.items():
+        target = into.get(name)
+        if target is None or target.shape != p.shape or target.dtype != p.dtype or not target.is_contiguous():
+            found = "none" if target is None else f"{tuple(target.shape)} {target.dtype}"
+            raise PerturbationConfigError(
+                f"into= must hold a contiguous tensor of shape {tuple(p.shape)} and dtype {p.dtype} for the selected "
+                f"parameter {name!r} (found {found}): pass one for every parameter the config selects."
+            )
+        targets[name] = target
+    return targets
 
 
 def _scales(model: nn.Module, params: dict[str, nn.Parameter], mode: ScaleMode) -> dict[str, float]:

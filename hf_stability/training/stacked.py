@@ -77,7 +77,7 @@ class StackedModel(nn.Module):
                 module = self.template.get_submodule(module_name) if module_name else self.template
                 trainable = module.get_parameter(attr).requires_grad
                 stacked = torch.stack([m.get_parameter(name).detach() for m in models])
-                setattr(module, attr, nn.Parameter(stacked.clone(), requires_grad=trainable))
+                setattr(module, attr, nn.Parameter(stacked, requires_grad=trainable))  # (stack copies)
         self.config = getattr(self.template, "config", None)
         self.eager_attention = eager_attention
         self.step_graphs = StepGraphs() if cuda_graphs else None
@@ -103,8 +103,12 @@ class StackedModel(nn.Module):
         with torch.no_grad():
             for name, p in self.template.named_parameters():
                 if name in stacked:
-                    for k, model in enumerate(models):
-                        p[k].copy_(model.get_parameter(name))
+                    sources = [model.get_parameter(name) for model in models]
+                    if all(source is sources[0] for source in sources):  # one model K times: one copy
+                        p.copy_(sources[0].expand_as(p))
+                    else:
+                        for k, source in enumerate(sources):
+                            p[k].copy_(source)
                 else:
                     p.copy_(models[0].get_parameter(name))
             for (_, buffer), (_, theirs) in zip(self.template.named_buffers(), models[0].named_buffers()):
@@ -348,16 +352,23 @@ def choose_children_at_once(trainer: Any) -> int:
 
 
 # ---- mechanism ----------------------------------------------------------------------------------
-def set_up_children(study: ButterflyStudy, run: RunDirectory, t: int, children: list[int], pending: list[int],
-                    template: nn.Module, spawn: Path) -> list[nn.Module]:
-    """The children of a group, each a copy of ``template`` with the weights of ``spawn`` (spawn
-    step ``t``'s checkpoint, already checked), perturbed (the records of those in ``pending``
-    written, their stale checkpoints removed)."""
+def set_up_stack(study: ButterflyStudy, run: RunDirectory, t: int, children: list[int], pending: list[int],
+                 template: nn.Module, spawn: Path) -> StackedModel:
+    """The stack of a group: ``children``, each with the weights of ``spawn`` (spawn step ``t``'s
+    checkpoint, already checked), perturbed (the records of those in ``pending`` written, their
+    stale checkpoints removed). ``template`` is left with the spawn weights.
+
+    The stack is the study's last one where it can hold the group (its CUDA graphs replay), else a
+    new one. Each child is perturbed in its own slice of the stack (``perturb_model(into=...)``),
+    as a copy of the model would be: the same draws, the same IEEE operations, the same record,
+    without a copy of the model per child. An init-seed child, which builds a model, is perturbed
+    as a copy of the model and then stacked."""
     from .callbacks import independent_batch
     from .checkpoints import checkpoint_state_dict, load_checkpoint_weights
 
     trainer, stability = study.trainer, study.stability
     weights = checkpoint_state_dict(template, spawn)
+    load_checkpoint_weights(template, weights)
     configs = {k: stability.config_for_child(k) for k in children}
     batches: dict[int, Any] = {}
     if any(config.kind == PerturbationKind.BATCH for config in configs.values()):
@@ -368,22 +379,47 @@ def set_up_children(study: ButterflyStudy, run: RunDirectory, t: int, children: 
         for stale in run.child_dir(t, k).glob("checkpoint-*"):
             shutil.rmtree(stale, ignore_errors=True)
 
-    def perturbed_child(k: int) -> nn.Module:
-        model = copy.deepcopy(template)
-        load_checkpoint_weights(model, weights)
-        record = perturb_model(model, configs[k], step=t, child=k, batch=batches.get(k),
-                               model_init=study.model_init())
-        if k in pending:
-            write_json(run.perturbation_file(t, k), record.to_dict())
-        return model
+    rebuilt = {k for k in children if configs[k].kind == PerturbationKind.INIT_SEED}
+    models = [copy.deepcopy(template) if k in rebuilt else template for k in children]
+    for k, model in zip(children, models):
+        if k in rebuilt:
+            _perturb_child(study, run, t, k, pending, model, configs[k])
+    stack = _stack_for(study, models)
+    slices = {k: index for index, k in enumerate(children) if k not in rebuilt}
+
+    def perturb_slice(k: int) -> None:
+        _perturb_child(study, run, t, k, pending, template, configs[k], batches.get(k),
+                       into=stack.child_parameters(slices[k]))
 
     # Weight noise is drawn from each child's own CPU generator and touches no global RNG, so the
     # children are perturbed in threads (the draws dominate the set-up of a group). A gradient
-    # perturbation runs a forward pass, whose dropout uses the global RNG, and an init-seed child
-    # builds a model from the global RNG: one at a time.
-    workers = 1 if _uses_global_rng(configs.values()) else min(len(children), os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(perturbed_child, children))
+    # perturbation runs a forward pass, whose dropout uses the global RNG: one at a time.
+    workers = 1 if _uses_global_rng(configs.values()) else min(len(slices), os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+        list(pool.map(perturb_slice, slices))
+    return stack
+
+
+def _perturb_child(study: ButterflyStudy, run: RunDirectory, t: int, k: int, pending: list[int], model: nn.Module,
+                   config: Any, batch: Any = None, into: dict[str, torch.Tensor] | None = None) -> None:
+    record = perturb_model(model, config, step=t, child=k, batch=batch, model_init=study.model_init(), into=into)
+    if k in pending:
+        write_json(run.perturbation_file(t, k), record.to_dict())
+
+
+def _stack_for(study: ButterflyStudy, models: list[nn.Module]) -> StackedModel:
+    """``models`` stacked: in the study's last stack where it can hold them (a group of as many
+    children as the last one: the CUDA graphs captured for that group replay for this one, no
+    warm-up, no capture), else in a new one, which becomes the study's last."""
+    if study.last_stack is not None and study.last_stack.can_hold(models):
+        study.last_stack.load(models)
+    else:
+        study.last_stack = None  # (its memory goes before the new stack takes its own)
+        stability = study.stability
+        study.last_stack = StackedModel(models, stack_frozen=not stability.perturbation_trainable_only,
+                                        eager_attention=study.eager_attention,
+                                        cuda_graphs=stability.stacked_cuda_graphs)
+    return study.last_stack
 
 
 def _uses_global_rng(configs: Any) -> bool:
@@ -406,18 +442,7 @@ def train_stacked_group(
     # real model, not later from the stacked model's forward(**inputs).
     trainer._set_signature_columns_if_needed()
     spawn = study.spawn_checkpoint(run, t)
-    models = set_up_children(study, run, t, children, pending, template, spawn)
-    # A group of as many children as the last one trains in that group's stack, loaded with its own
-    # weights: the CUDA graphs captured for the last group replay for this one (no warm-up, no capture).
-    if study.last_stack is not None and study.last_stack.can_hold(models):
-        study.last_stack.load(models)
-    else:
-        study.last_stack = None  # (its memory goes before the new stack takes its own)
-        study.last_stack = StackedModel(models, stack_frozen=not stability.perturbation_trainable_only,
-                                        eager_attention=study.eager_attention,
-                                        cuda_graphs=stability.stacked_cuda_graphs)
-    stacked = study.last_stack
-    del models
+    stacked = set_up_stack(study, run, t, children, pending, template, spawn)
 
     group_dir = run.stacked_group_dir(t, children)
     shutil.rmtree(group_dir, ignore_errors=True)
