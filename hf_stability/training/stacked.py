@@ -38,7 +38,7 @@ from transformers import TrainingArguments
 from ..atomic_io import write_json
 from ..errors import RunDirectoryError, StudySetupError
 from ..hints import setting
-from ..perturb import PerturbationKind, perturb_model
+from ..perturb import PerturbationConfig, PerturbationKind, perturb_model
 from ..perturb.rng import global_rng_state, rng_state_key, set_global_rng_state
 from ..run_directory import OPTIMIZER_NAME
 from .arguments import AUTO
@@ -394,14 +394,16 @@ def set_up_stack(study: ButterflyStudy, run: RunDirectory, t: int, children: lis
     # Weight noise is drawn from each child's own CPU generator and touches no global RNG, so the
     # children are perturbed in threads (the draws dominate the set-up of a group). A gradient
     # perturbation runs a forward pass, whose dropout uses the global RNG: one at a time.
-    workers = 1 if _uses_global_rng(configs.values()) else min(len(slices), os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+    serial = any(configs[k].kind == PerturbationKind.BATCH for k in slices)
+    workers = 1 if serial or not slices else min(len(slices), os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(perturb_slice, slices))
     return stack
 
 
 def _perturb_child(study: ButterflyStudy, run: RunDirectory, t: int, k: int, pending: list[int], model: nn.Module,
-                   config: Any, batch: Any = None, into: dict[str, torch.Tensor] | None = None) -> None:
+                   config: PerturbationConfig, batch: Any = None, into: dict[str, torch.Tensor] | None = None) -> None:
+    """Perturb child ``k`` (``model``, or its slice ``into``) and write its record if it is pending."""
     record = perturb_model(model, config, step=t, child=k, batch=batch, model_init=study.model_init(), into=into)
     if k in pending:
         write_json(run.perturbation_file(t, k), record.to_dict())
@@ -420,10 +422,6 @@ def _stack_for(study: ButterflyStudy, models: list[nn.Module]) -> StackedModel:
                                         eager_attention=study.eager_attention,
                                         cuda_graphs=stability.stacked_cuda_graphs)
     return study.last_stack
-
-
-def _uses_global_rng(configs: Any) -> bool:
-    return any(config.kind in (PerturbationKind.BATCH, PerturbationKind.INIT_SEED) for config in configs)
 
 
 def train_stacked_group(
